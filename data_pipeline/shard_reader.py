@@ -1,0 +1,168 @@
+"""Read and validate one prepared WebDataset shard into a [samples, sample_len] numpy array.
+
+A shard (see format.py) is a tar of `<key>.tokens.npy` members. Reading one:
+  1. reads the file (missing file: FileNotFoundError),
+  2. checks its sha256 against the manifest (optional, on by default),
+  3. walks the tar with webdataset's tar iterator and groups members by key,
+  4. decodes each sample's .npy into its row: row = sample index - shard.first_sample.
+
+Decoding parses the .npy header once per shard and then copies each sample's payload with
+np.frombuffer when its header bytes are identical (they are for one writer), so there is no
+per-token Python work. Every problem raises ShardError (or FileNotFoundError) naming the shard
+file, the sample key where there is one, and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from numpy.lib import format as npy_format
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from data_pipeline.format import TOKENS_FIELD, ShardInfo, sample_index, sample_key
+
+FIX = (
+    "The prepared data is damaged or out of date: re-run `pretrain prepare CONFIG --force` "
+    "to rebuild it."
+)
+
+
+class ShardError(ValueError):
+    """A shard does not match its manifest entry or the prepared-data format."""
+
+
+def read_shard(
+    path: str | Path,
+    info: ShardInfo,
+    split: str,
+    sample_len: int,
+    dtype: str | np.dtype,
+    verify_checksum: bool = True,
+    context: str = "",
+) -> np.ndarray:
+    """Return the shard's samples as a [info.samples, sample_len] array of `dtype`.
+
+    Row i holds sample `info.first_sample + i` (by key, whatever the order inside the tar).
+    `context` (e.g. "needed for position 123") is appended to error messages.
+    """
+    path = Path(path)
+    where = f" ({context})" if context else ""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard {path} listed in the manifest is missing{where}. {FIX}") from None
+    if verify_checksum:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.sha256:
+            raise ShardError(
+                f"shard {path}: sha256 {digest[:16]}... does not match the manifest's "
+                f"{info.sha256[:16]}... ({len(data)} bytes){where}. {FIX}"
+            )
+    dtype = np.dtype(dtype)
+    rows = np.empty((info.samples, sample_len), dtype=dtype)
+    seen = np.zeros(info.samples, dtype=bool)
+    header = b""  # .npy header of the last sample decoded the slow way; identical ones are fast
+    payload = sample_len * dtype.itemsize
+    for key, fields in _samples(data, path, where):
+        row = _row(key, info, split, path, where)
+        if seen[row]:
+            raise ShardError(f"shard {path}: sample {key} occurs twice{where}. {FIX}")
+        raw = fields.get(TOKENS_FIELD)
+        if raw is None:
+            raise ShardError(
+                f"shard {path}: sample {key} has no {TOKENS_FIELD} member (has: "
+                f"{sorted(fields)}){where}. {FIX}"
+            )
+        if header and len(raw) == len(header) + payload and raw.startswith(header):
+            rows[row] = np.frombuffer(raw, dtype=dtype, count=sample_len, offset=len(header))
+        else:
+            rows[row], header = _decode_npy(raw, key, path, sample_len, dtype, where)
+        seen[row] = True
+    if not seen.all():
+        missing = np.flatnonzero(~seen)
+        names = ", ".join(sample_key(split, info.first_sample + int(i)) for i in missing[:3])
+        raise ShardError(
+            f"shard {path} holds {int(seen.sum())} samples but the manifest lists {info.samples} "
+            f"(missing {len(missing)}, e.g. {names}){where}. {FIX}"
+        )
+    return rows
+
+
+def _samples(data: bytes, path: Path, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) per sample, grouping consecutive tar members by key."""
+    key: str | None = None
+    fields: dict[str, bytes] = {}
+    try:
+        for member in tar_file_iterator(io.BytesIO(data)):
+            prefix, suffix = base_plus_ext(member["fname"])
+            if prefix is None:
+                raise ShardError(
+                    f"shard {path}: member {member['fname']!r} is not <key>.<field>{where}. {FIX}"
+                )
+            if prefix != key:
+                if key is not None:
+                    yield key, fields
+                key, fields = prefix, {}
+            if suffix in fields:
+                raise ShardError(f"shard {path}: member {member['fname']} occurs twice{where}. {FIX}")
+            fields[suffix] = member["data"]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(
+            f"shard {path} is truncated or not a valid tar file ({type(e).__name__}: "
+            f"{str(e).split(' @ ')[0]}){where}. {FIX}"
+        ) from None
+    if key is not None:
+        yield key, fields
+
+
+def _row(key: str, info: ShardInfo, split: str, path: Path, where: str) -> int:
+    try:
+        index = sample_index(key)
+    except ValueError:
+        index = -1
+    if index < 0 or sample_key(split, index) != key:
+        raise ShardError(
+            f"shard {path}: sample key {key!r} is not a {split!r} key like "
+            f"{sample_key(split, info.first_sample)!r}{where}. {FIX}"
+        )
+    row = index - info.first_sample
+    if not 0 <= row < info.samples:
+        raise ShardError(
+            f"shard {path}: sample {key} is outside the shard's range of {info.samples} samples "
+            f"from {sample_key(split, info.first_sample)} (wrong sample count?){where}. {FIX}"
+        )
+    return row
+
+
+def _decode_npy(
+    raw: bytes, key: str, path: Path, sample_len: int, dtype: np.dtype, where: str
+) -> tuple[np.ndarray, bytes]:
+    """Parse one .npy payload strictly; return (tokens [sample_len], header bytes)."""
+    fp = io.BytesIO(raw)
+    try:
+        version = npy_format.read_magic(fp)
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, _fortran_order, found = read(fp)  # 1-D: order is moot
+    except (ValueError, EOFError, SyntaxError) as e:
+        raise ShardError(f"shard {path}: sample {key} is not a valid .npy array ({e}){where}. {FIX}") from None
+    if found != dtype:
+        raise ShardError(
+            f"shard {path}: sample {key} has dtype {found}, the manifest says {dtype}{where}. {FIX}"
+        )
+    if shape != (sample_len,):
+        raise ShardError(
+            f"shard {path}: sample {key} has shape {shape}, expected ({sample_len},) "
+            f"(sample_len from the manifest){where}. {FIX}"
+        )
+    start = fp.tell()
+    if len(raw) - start != sample_len * dtype.itemsize:
+        raise ShardError(
+            f"shard {path}: sample {key} holds {len(raw) - start} payload bytes, expected "
+            f"{sample_len * dtype.itemsize}{where}. {FIX}"
+        )
+    return np.frombuffer(raw, dtype=dtype, count=sample_len, offset=start), raw[:start]

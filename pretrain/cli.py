@@ -1,0 +1,71 @@
+"""The `pretrain` command.
+
+    pretrain prepare CONFIG [key=value ...] [--force]    raw text -> tokenizer, shards, manifest
+    pretrain train   CONFIG [key=value ...] [--nproc N]  train (N local ranks through torchrun)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from pretrain.config_io import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config, e.g. configs/gpt-default.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.max_steps=20 run.dir=runs/x")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenize and shard a corpus with Ray")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if the data is prepared")
+    t = sub.add_parser("train", help="pretrain a model with DeepSpeed")
+    _add_config_args(t)
+    t.add_argument("--nproc", type=int, default=None,
+                   help="start this many local ranks with torchrun (default: this process only)")
+    return parser
+
+
+def cmd_prepare(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from data_pipeline.prepare import prepare
+
+    prepare(cfg, force=args.force)
+    return 0
+
+
+def cmd_train(args) -> int:
+    world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError([f"--nproc must be at least 1, got {args.nproc}"])
+    load_config(args.config, args.overrides, world_size=world)  # fail here, once, not per rank
+    if args.nproc is None or "RANK" in os.environ:
+        from pretrain.train import main as train_main
+
+        return train_main([args.config, *args.overrides])
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "pretrain.train", args.config, *args.overrides]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    os.execv(cmd[0], cmd)  # replaces this process: signals and exit code pass straight through
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"prepare": cmd_prepare, "train": cmd_train}[args.command](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""DeepSpeed: the config generated from ours, and the engine around the model.
+
+The DeepSpeed JSON is never hand-written: `build_ds_config` derives it from the run config and
+the world size, and the trainer saves it in the run directory. This module and the checkpoint
+module are the only places that import deepspeed.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+
+from pretrain.config import Config, global_batch_size
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """`auto` is bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."""
+    p = cfg.train.precision
+    if p != "auto":
+        return p
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict:
+    t, par = cfg.train, cfg.parallel
+    zero: dict = {"stage": par.zero_stage}
+    if par.zero_stage > 0:
+        zero["contiguous_gradients"] = True
+        zero["overlap_comm"] = False  # no gain without CUDA streams; keeps CPU runs deterministic
+        if par.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if par.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": global_batch_size(cfg, world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Our AdamW is a client optimizer; with offload it is DeepSpeedCPUAdam (see build_optimizer).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def init_distributed(backend: str, timeout_minutes: float) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(
+        dist_backend=backend, timeout=timedelta(minutes=timeout_minutes), verbose=False
+    )
+
+
+def build_optimizer(cfg: Config, param_groups: list[dict]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    kwargs = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    if cfg.parallel.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def init_engine(model, optimizer, lr_scheduler_fn, ds_config: dict):
+    """Wrap model and optimizer; `lr_scheduler_fn(optimizer)` builds the scheduler on the
+    optimizer DeepSpeed actually steps (ZeRO wraps ours)."""
+    import deepspeed
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler_fn, config=ds_config
+    )
+    return engine, scheduler

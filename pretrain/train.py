@@ -1,0 +1,53 @@
+"""Training entry point: config -> Trainer -> train -> close.
+
+Runs the same way as a plain process (`python -m pretrain.train CONFIG`), under torchrun
+(`torchrun --nproc-per-node N -m pretrain.train CONFIG`), under the deepspeed launcher
+(`deepspeed --num_gpus N --module pretrain.train CONFIG`) and from `pretrain train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from launch.env import LaunchEnvError, free_port, read_dist_env
+from pretrain.config_io import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pretrain.train", description=__doc__)
+    parser.add_argument("config", help="YAML run config, e.g. configs/gpt-default.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        env = read_dist_env()
+        cfg = load_config(args.config, args.overrides, world_size=env.world_size)
+    except (ConfigError, LaunchEnvError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if env.launcher == "single":
+        # A plain process is a world of one; DeepSpeed still wants a process group.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+    from pretrain.trainer import Trainer  # heavy imports after the config is known to be good
+
+    trainer = Trainer(cfg, env)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

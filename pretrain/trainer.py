@@ -1,0 +1,324 @@
+"""The training loop: build everything from the config, resume, step, evaluate, save.
+
+One Trainer per process. Everything that is saved and restored together lives here: the
+DeepSpeed engine (model, optimizer, scheduler), the loader position, the counters and the RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.format import Manifest
+from data_pipeline.loader import ShardedLoader, iter_eval
+from launch.env import DistEnv
+from pretrain.checkpoint import CheckpointManager, diff_dicts
+from pretrain.config import Config, data_parallel_size, global_batch_size
+from pretrain.config_io import resolved_dict, resolved_yaml
+from pretrain.metrics import MetricsLogger, device_peak_tflops, read_metrics
+from pretrain.model import build_model
+from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
+from pretrain.parallel.deepspeed import (
+    build_ds_config, build_optimizer, init_distributed, init_engine, resolve_precision,
+)
+from pretrain.schedule import lr_factor_fn
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+def pick_device(cfg: Config, env: DistEnv) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def resolve_vocab_size(cfg: Config, manifest: Manifest) -> int:
+    tok = manifest.tokenizer.vocab_size
+    if cfg.model.vocab_size is not None:
+        if cfg.model.vocab_size < tok:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({tok}) in {cfg.data.dir}; raise it or leave it unset"
+            )
+        return cfg.model.vocab_size
+    m = cfg.model.pad_vocab_multiple
+    return (tok + m - 1) // m * m
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay weight matrices and embeddings; not biases or norm gains (nanoGPT's rule)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.device = pick_device(cfg, env)
+        backend = cfg.parallel.backend
+        if backend == "auto":
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+        init_distributed(backend, cfg.parallel.timeout_minutes)
+        self.dp_size = data_parallel_size(cfg, env.world_size)
+        self.dp_rank = env.rank // cfg.parallel.tensor_parallel
+        self.global_batch = global_batch_size(cfg, env.world_size)
+        self.precision = resolve_precision(cfg, self.device)
+        self.run_dir = Path(cfg.run.dir)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        self.manifest = Manifest.load(cfg.data.dir)
+        if self.manifest.seq_len != cfg.data.seq_len:
+            raise ValueError(
+                f"{cfg.data.dir} was prepared with seq_len={self.manifest.seq_len} but the config "
+                f"has data.seq_len={cfg.data.seq_len}: re-run `pretrain prepare` with this config "
+                "or set data.seq_len to match"
+            )
+        self.vocab_size = resolve_vocab_size(cfg, self.manifest)
+
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, self.vocab_size)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        optimizer = build_optimizer(cfg, param_groups(model, cfg.optim.weight_decay))
+        self.ds_config = build_ds_config(cfg, env.world_size, self.precision)
+        lr_fn = lr_factor_fn(cfg.optim, cfg.train.max_steps)
+        self.engine, self.scheduler = init_engine(
+            model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn),
+            self.ds_config,
+        )
+        torch.manual_seed(cfg.run.seed + 1 + env.rank)  # per-rank dropout streams
+
+        audit = self.run_dir / "audit" / f"rank{env.rank:05d}.tsv" if cfg.data.audit else None
+        if audit is not None:
+            audit.parent.mkdir(parents=True, exist_ok=True)
+        self.loader = ShardedLoader(
+            cfg.data.dir, "train", micro_batch_size=cfg.train.micro_batch_size,
+            dp_rank=self.dp_rank, dp_size=self.dp_size, seed=cfg.run.seed,
+            shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
+            verify_checksums=cfg.data.verify_checksums, audit_path=audit,
+        )
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank,
+                                      env.world_size)
+        self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.logging.tensorboard)
+        self.peak_tflops = device_peak_tflops(self.device, cfg.logging.peak_tflops)
+        self.step = 0
+        self.samples_seen = 0
+        self.resumed_from: int | None = None
+        self._resume()
+        if env.is_main:
+            (self.run_dir / "config.yaml").write_text(resolved_yaml(cfg))
+            (self.run_dir / "deepspeed_config.json").write_text(
+                json.dumps(self.ds_config, indent=2))
+
+    # ---- state -----------------------------------------------------------------------------
+    def train_state(self) -> dict:
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
+            "loader": self.loader.state_dict(),
+            "model": resolved_dict(self.cfg)["model"],
+            "vocab_size": self.vocab_size,
+            "data_digest": self.manifest.digest(),
+            "world_size": self.env.world_size,
+            "zero_stage": self.cfg.parallel.zero_stage,
+        }
+
+    def _resume(self) -> None:
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            return
+        where = self.ckpt.dir / f"step-{latest:08d}"
+        if self.cfg.checkpoint.resume == "never":
+            raise ResumeError(
+                f"{self.run_dir} already holds checkpoints (latest {where}) and "
+                "checkpoint.resume=never: choose another run.dir or set checkpoint.resume=auto"
+            )
+        state = self.ckpt.read_train_state(latest)
+        problems = diff_dicts(state["model"], resolved_dict(self.cfg)["model"], "model.")
+        if state["vocab_size"] != self.vocab_size:
+            problems.append(f"vocab_size: checkpoint has {state['vocab_size']}, "
+                            f"config and data give {self.vocab_size}")
+        if state["data_digest"] != self.manifest.digest():
+            problems.append(f"data: checkpoint was trained on data {state['data_digest']}, "
+                            f"{self.cfg.data.dir} holds {self.manifest.digest()}")
+        if problems:
+            raise ResumeError(f"cannot resume from {where}: the run changed:\n  "
+                              + "\n  ".join(problems)
+                              + "\nUse a new run.dir, or restore the settings above.")
+        state = self.ckpt.load(self.engine, latest)
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.resumed_from = latest
+
+    def save(self) -> None:
+        self.ckpt.save(self.engine, self.step, self.train_state(), resolved_yaml(self.cfg))
+
+    # ---- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean next-token loss over the validation split (or train.eval_batches per rank)."""
+        val = self.manifest.splits.get("val")
+        if val is None or val.samples == 0:
+            return None
+        m = self.cfg.train.micro_batch_size
+        n_batches = math.ceil(val.samples / (m * self.dp_size))
+        if self.cfg.train.eval_batches is not None:
+            n_batches = min(n_batches, self.cfg.train.eval_batches)
+        batches = iter_eval(self.cfg.data.dir, "val", micro_batch_size=m, dp_rank=self.dp_rank,
+                            dp_size=self.dp_size, max_batches=n_batches,
+                            verify_checksums=self.cfg.data.verify_checksums)
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss sum, tokens]
+        for _ in range(n_batches):
+            # Every rank runs the same number of forwards (ZeRO-3 gathers parameters
+            # collectively); a rank whose slice ran out evaluates a dummy batch with weight 0.
+            batch = next(batches, None)
+            if batch is not None:
+                ids = batch["input_ids"]
+            else:
+                ids = torch.zeros(1, self.manifest.sample_len, dtype=torch.long)
+            ids = ids.to(self.device)
+            out = self.engine(ids[:, :-1], ids[:, 1:])
+            if batch is not None:
+                n = ids[:, 1:].numel()
+                total += torch.stack([out.loss.double() * n, torch.tensor(n, device=self.device,
+                                                                         dtype=torch.float64)])
+        self.engine.train()
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    # ---- training --------------------------------------------------------------------------
+    def _mean_over_dp(self, x: torch.Tensor) -> float:
+        x = x.detach().to(torch.float64)
+        dist.all_reduce(x)
+        return x.item() / self.env.world_size
+
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        main = self.env.is_main
+        first_val = self._first_val_loss()
+        if first_val is None and self.step == 0:
+            first_val = self._log_eval(self.evaluate())
+        if main:
+            print(self._banner(), flush=True)
+        pbar = None
+        if main and cfg.logging.progress:
+            from tqdm import tqdm
+
+            pbar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
+                        file=sys.stderr, dynamic_ncols=True)
+        batches = iter(self.loader)
+        tokens_per_step = self.global_batch * cfg.data.seq_len
+        window_start, window_steps = time.perf_counter(), 0
+        last_val = None
+        while self.step < t.max_steps:
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for _ in range(t.grad_accum_steps):
+                ids = next(batches)["input_ids"].to(self.device)
+                out = self.engine(ids[:, :-1], ids[:, 1:])
+                self.engine.backward(out.loss)
+                self.engine.step()
+                loss_sum += out.loss.detach().double().cpu()
+            self.step += 1
+            self.samples_seen += self.global_batch
+            window_steps += 1
+            loss = self._mean_over_dp(loss_sum / t.grad_accum_steps)
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{loss:.4f}")
+            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                self._log_train(loss, tokens_per_step * window_steps / elapsed,
+                                elapsed / window_steps)
+                window_start, window_steps = time.perf_counter(), 0
+            last_val = None
+            if t.eval_interval and self.step % t.eval_interval == 0:
+                last_val = self._log_eval(self.evaluate())
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                self.save()
+        if pbar is not None:
+            pbar.close()
+        if last_val is None:
+            last_val = self._log_eval(self.evaluate())
+        if cfg.checkpoint.save_final:
+            self.save()
+        summary = {"run_dir": str(self.run_dir), "step": self.step, "first_val_loss": first_val,
+                   "final_val_loss": last_val}
+        if main:
+            print(self._summary(summary), flush=True)
+        return summary
+
+    def _log_train(self, loss: float, tokens_per_sec: float, step_time: float) -> None:
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_sec": tokens_per_sec, "step_time": step_time,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
+            "epoch": self.loader.epoch,
+        }
+        if self.peak_tflops:
+            achieved = self.flops_per_token * tokens_per_sec / self.env.world_size
+            record["mfu"] = achieved / (self.peak_tflops * 1e12)
+        self.metrics.log(record)
+
+    def _log_eval(self, val_loss: float | None) -> float | None:
+        if val_loss is not None:
+            self.metrics.log({"step": self.step, "val_loss": val_loss,
+                              "val_ppl": math.exp(min(val_loss, 50.0))})
+        return val_loss
+
+    def _first_val_loss(self) -> float | None:
+        if self.step == 0:
+            return None
+        for rec in read_metrics(self.run_dir) if self.env.is_main else []:
+            if "val_loss" in rec:
+                return rec["val_loss"]
+        return None
+
+    def _banner(self) -> str:
+        how = (f"resumed from step {self.resumed_from}" if self.resumed_from is not None
+               else "starting from scratch")
+        return (
+            f"[pretrain] {self.cfg.model.family} {self.n_params / 1e6:.2f}M params | "
+            f"world {self.env.world_size} (dp {self.dp_size}) | ZeRO-{self.cfg.parallel.zero_stage}"
+            f" | {self.device.type} {self.precision} | global batch {self.global_batch} x "
+            f"{self.cfg.data.seq_len} tokens | {how} | run dir {self.run_dir}"
+        )
+
+    @staticmethod
+    def _summary(s: dict) -> str:
+        lines = [f"run directory: {s['run_dir']}"]
+        first, final = s["first_val_loss"], s["final_val_loss"]
+        if first is not None and final is not None:
+            lines.append(f"validation loss: {first:.4f} before -> {final:.4f} after "
+                         f"({100 * final / first:.1f}% of the first) at step {s['step']}")
+        elif final is not None:
+            lines.append(f"validation loss after step {s['step']}: {final:.4f}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
