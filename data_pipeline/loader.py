@@ -112,24 +112,37 @@ def _iterate(
         batches: Any = iter(stream)
         pin = pin_memory and torch.cuda.is_available()
     else:
-        batches = DataLoader(
-            stream,
-            batch_size=None,  # the workers build whole micro-batches
-            num_workers=num_workers,
-            prefetch_factor=prefetch_factor,
-            pin_memory=pin_memory and torch.cuda.is_available(),
-            persistent_workers=False,  # every iter() has its own start position
+        batches = iter(
+            DataLoader(
+                stream,
+                batch_size=None,  # the workers build whole micro-batches
+                num_workers=num_workers,
+                prefetch_factor=prefetch_factor,
+                pin_memory=pin_memory and torch.cuda.is_available(),
+                persistent_workers=False,  # every iter() has its own start position
+                # Its own generator: seeding the workers must not draw from the global RNG, or
+                # a resumed run (which opens its iterator at another step) would diverge in
+                # dropout from the uninterrupted one.
+                generator=torch.Generator().manual_seed(0),
+            )
         )
         pin = False
-    for j, batch in enumerate(batches):
-        expected = stream.batch_start(j)
-        got = int(batch["positions"][0]) if len(batch["positions"]) else None
-        if got != expected:
-            raise RuntimeError(
-                f"data loader batch {j} starts at position {got}, expected {expected}: the "
-                f"DataLoader did not return worker batches round-robin ({num_workers} workers)"
-            )
-        yield j, ({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
+    try:
+        for j, batch in enumerate(batches):
+            expected = stream.batch_start(j)
+            got = int(batch["positions"][0]) if len(batch["positions"]) else None
+            if got != expected:
+                raise RuntimeError(
+                    f"data loader batch {j} starts at position {got}, expected {expected}: the "
+                    f"DataLoader did not return worker batches round-robin ({num_workers} workers)"
+                )
+            yield j, ({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
+    finally:
+        # Stop the workers now (on close, error or end). Left to the garbage collector, an
+        # iterator caught in an exception's traceback cycle takes 5 s per worker to shut down.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int) -> None:

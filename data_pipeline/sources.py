@@ -29,6 +29,8 @@ from pretrain.config import DataConfig
 JSONL_CHUNK = 8 * 2**20
 """Target bytes of one JSONL unit (cut at the next line end)."""
 _READ_BLOCK = 8 * 2**20
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+"""Directories of the stdlib that `stdlib` leaves out: installed packages and test suites."""
 
 
 class DataError(ValueError):
@@ -67,7 +69,8 @@ def _expand(source: str) -> tuple[str, list[str]]:
     """(root, matching paths) of one entry of data.sources; raises DataError if none exist."""
     if source == "stdlib":
         root = sysconfig.get_paths()["stdlib"]
-        return root, [p for p in _walk(root) if p.endswith(".py")]
+        return root, [p for p in _walk(root) if p.endswith(".py")
+                      and not _STDLIB_SKIP.intersection(Path(p).relative_to(root).parts[:-1])]
     path = os.path.abspath(os.path.expanduser(source))
     if os.path.isdir(path):
         return path, _walk(path)
@@ -101,11 +104,13 @@ def list_files(data: DataConfig) -> list[SourceFile]:
     """Files of the corpus: sources in config order, each sorted by relative path, no repeats."""
     seen: set[str] = set()
     files: list[SourceFile] = []
+    # Never read our own output back as input (data.dir inside a source directory).
+    out_dir = os.path.join(os.path.abspath(data.dir), "")
     for source in data.sources:
         root, paths = _expand(source)
         picked = []
         for p in paths:
-            if p in seen or _excluded(p, data.exclude):
+            if p in seen or p.startswith(out_dir) or _excluded(p, data.exclude):
                 continue
             seen.add(p)
             picked.append((Path(os.path.relpath(p, root)).as_posix(), p))

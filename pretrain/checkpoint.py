@@ -67,6 +67,8 @@ def restore_rng(state: dict) -> None:
 
 class CheckpointManager:
     def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int, world_size: int):
+        if keep_last < 1:  # [: -0] below would keep everything
+            raise ValueError(f"checkpoint.keep_last must be at least 1, got {keep_last}")
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
@@ -109,6 +111,8 @@ class CheckpointManager:
         _barrier()
         t0 = time.time()
         engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+        # Ranks that hold no DeepSpeed shard (ZeRO-0, rank > 0) do not create the directory.
+        path.mkdir(parents=True, exist_ok=True)
         torch.save(capture_rng(), path / f"rng-rank{self.rank:05d}.pt")
         if self.rank == 0:
             atomic_write_text(path / TRAIN_STATE, json.dumps(train_state, indent=2))

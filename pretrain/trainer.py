@@ -106,14 +106,12 @@ class Trainer:
         )
         torch.manual_seed(cfg.run.seed + 1 + env.rank)  # per-rank dropout streams
 
-        audit = self.run_dir / "audit" / f"rank{env.rank:05d}.tsv" if cfg.data.audit else None
-        if audit is not None:
-            audit.parent.mkdir(parents=True, exist_ok=True)
         self.loader = ShardedLoader(
             cfg.data.dir, "train", micro_batch_size=cfg.train.micro_batch_size,
             dp_rank=self.dp_rank, dp_size=self.dp_size, seed=cfg.run.seed,
             shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
-            verify_checksums=cfg.data.verify_checksums, audit_path=audit,
+            verify_checksums=cfg.data.verify_checksums,
+            audit_dir=self.run_dir / "audit" if cfg.data.audit else None,
         )
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank,
                                       env.world_size)
@@ -121,6 +119,7 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(self.device, cfg.logging.peak_tflops)
         self.step = 0
         self.samples_seen = 0
+        self._grad_norm: float | None = None
         self.resumed_from: int | None = None
         self._resume()
         if env.is_main:
@@ -232,10 +231,12 @@ class Trainer:
         last_val = None
         while self.step < t.max_steps:
             loss_sum = torch.zeros((), dtype=torch.float64)
-            for _ in range(t.grad_accum_steps):
+            for micro in range(t.grad_accum_steps):
                 ids = next(batches)["input_ids"].to(self.device)
                 out = self.engine(ids[:, :-1], ids[:, 1:])
                 self.engine.backward(out.loss)
+                if micro == t.grad_accum_steps - 1 and self._engine_skips_grad_norm:
+                    self._grad_norm = self._reduced_grad_norm()
                 self.engine.step()
                 loss_sum += out.loss.detach().double().cpu()
             self.step += 1
@@ -267,8 +268,22 @@ class Trainer:
             print(self._summary(summary), flush=True)
         return summary
 
+    @property
+    def _engine_skips_grad_norm(self) -> bool:
+        # DeepSpeed records the global gradient norm in its ZeRO and fp16/bf16 optimizers, not
+        # for plain fp32 data parallelism (stage 0): there we take it ourselves.
+        return self.cfg.parallel.zero_stage == 0 and self.precision == "fp32"
+
+    @torch.no_grad()
+    def _reduced_grad_norm(self) -> float:
+        """2-norm of all gradients after backward's all-reduce (identical on every rank)."""
+        norms = [p.grad.detach().norm(2.0) for p in self.engine.module.parameters()
+                 if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
     def _log_train(self, loss: float, tokens_per_sec: float, step_time: float) -> None:
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = (self._grad_norm if self._engine_skips_grad_norm
+                     else self.engine.get_global_grad_norm())
         record = {
             "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,

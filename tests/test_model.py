@@ -228,9 +228,8 @@ def test_tiny_model_overfits_fixed_batch():
         loss.backward()
         opt.step()
     last = model(x, y).loss.item()
-    print(first, last)
     assert first == pytest.approx(math.log(32), abs=0.2)
-    assert last < 0.2 * first, (first, last)
+    assert last < 0.25, (first, last)  # from ln(32) = 3.47
 
 
 def test_ignore_index():

@@ -32,7 +32,8 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         family = MODEL_FAMILIES[cfg.family]
     except KeyError:
         raise ValueError(
-            f"model.family={cfg.family!r} is not implemented; choose one of {sorted(MODEL_FAMILIES)}"
+            f"model.family={cfg.family!r} is not implemented; "
+            f"choose one of {sorted(MODEL_FAMILIES)}"
         ) from None
     return family(cfg, vocab_size)
 

@@ -68,11 +68,13 @@ def check_attention_inputs(
     if key_padding_mask_BS is not None:
         if key_padding_mask_BS.dtype != torch.bool:
             raise TypeError(
-                f"key_padding_mask_BS must be bool (True = real token), got {key_padding_mask_BS.dtype}"
+                "key_padding_mask_BS must be bool (True = real token), "
+                f"got {key_padding_mask_BS.dtype}"
             )
         if tuple(key_padding_mask_BS.shape) != (B, S):
             raise ValueError(
-                f"key_padding_mask_BS has shape {tuple(key_padding_mask_BS.shape)}, expected {(B, S)}"
+                f"key_padding_mask_BS has shape {tuple(key_padding_mask_BS.shape)}, "
+                f"expected {(B, S)}"
             )
     if attn_bias is not None:
         if not attn_bias.is_floating_point():
@@ -237,7 +239,9 @@ class MultiHeadAttention(nn.Module):
         if self.cross and context_BSD is None:
             raise ValueError("cross-attention needs context_BSD (the sequence to attend to)")
         if not self.cross and context_BSD is not None:
-            raise ValueError("context_BSD given to a self-attention module (built with cross=False)")
+            raise ValueError(
+                "context_BSD given to a self-attention module (built with cross=False)"
+            )
         src_BSD = context_BSD if self.cross else x_BTD
 
         q_BHTd = self._split_heads(self.q_proj(x_BTD))

@@ -25,16 +25,22 @@ class CheckpointedBlock(nn.Module):
         return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
 
 
+BLOCK_LISTS = ("h", "blocks", "layers")
+"""Names under which model families keep their stacks of transformer blocks."""
+
+
 def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Wrap every block of every `blocks` ModuleList in the model; returns how many."""
+    """Wrap every block of every block list (BLOCK_LISTS) in the model; returns how many."""
     wrapped = 0
     for module in list(model.modules()):
-        blocks = getattr(module, "blocks", None)
-        if isinstance(blocks, nn.ModuleList):
+        for name in BLOCK_LISTS:
+            blocks = getattr(module, name, None)
+            if not isinstance(blocks, nn.ModuleList):
+                continue
             for i, block in enumerate(blocks):
                 if not isinstance(block, CheckpointedBlock):
                     blocks[i] = CheckpointedBlock(block)
                     wrapped += 1
     if wrapped == 0:
-        raise ValueError(f"{type(model).__name__} has no `blocks` ModuleList to checkpoint")
+        raise ValueError(f"{type(model).__name__} has no block list ({BLOCK_LISTS}) to checkpoint")
     return wrapped

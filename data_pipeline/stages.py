@@ -1,0 +1,104 @@
+"""The functions Ray Data runs on its workers, one row per task (a JSON list of units).
+
+`scan_batch` (stateless tasks) reads every unit once to validate it and count its documents and
+the ones the hash puts in val, remembering the document with the lowest split score: if val comes
+out empty, that document is moved there. Errors come back as values (the first `DataError` of the
+task) so that the driver reports the earliest bad file in corpus order with a clean message.
+
+`Tokenize` (an actor per CPU) receives the tokenizer once, through the object store, when it
+starts; for each task it reads the units, splits documents by id, encodes each split's texts with
+one `encode_batch_fast` call and returns the concatenated ids (every document followed by EOS) as
+raw bytes of the manifest dtype, plus counters as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from data_pipeline.documents import is_val, read_unit, val_score
+from data_pipeline.sources import DataError
+
+TOKENIZED_SCHEMA = pa.schema(
+    [("train", pa.large_binary()), ("val", pa.large_binary()), ("stats", pa.string())]
+)
+
+
+def scan_batch(batch: pa.Table, text_field: str, val_fraction: float) -> pa.Table:
+    results = []
+    for units in batch.column("units").to_pylist():
+        res: dict = {"docs": 0, "val": 0, "min": None, "error": None}
+        for unit in json.loads(units):
+            try:
+                docs = read_unit(unit, text_field)
+            except DataError as e:
+                res["error"] = str(e)
+                break
+            res["docs"] += len(docs.ids)
+            for doc_id in docs.ids:
+                score = val_score(doc_id)
+                res["val"] += score < val_fraction
+                if res["min"] is None or (score, doc_id) < tuple(res["min"]):
+                    res["min"] = [score, doc_id]
+        results.append(json.dumps(res))
+    return pa.table({"scan": results})
+
+
+class Tokenize:
+    """Ray Data actor: units -> token ids of the train and val documents, in document order."""
+
+    def __init__(self, tokenizer_ref: list, eos_id: int, dtype: str, text_field: str,
+                 val_fraction: float, forced_val: str | None):
+        # One actor per CPU: the tokenizer's own thread pool would only oversubscribe the cores.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        import ray
+        from tokenizers import Tokenizer
+
+        from data_pipeline.tokenizer import for_encoding
+
+        # The ref arrives wrapped in a list so Ray passes it through unresolved; fetch once here.
+        self.tok = for_encoding(Tokenizer.from_str(ray.get(tokenizer_ref[0])))
+        self.eos, self.dtype = eos_id, np.dtype(dtype)
+        self.text_field, self.val_fraction, self.forced_val = text_field, val_fraction, forced_val
+
+    def _encode(self, texts: list[str]) -> bytes:
+        """Ids of all texts, each followed by EOS, as one flat array's bytes."""
+        if not texts:
+            return b""
+        ids: list[int] = []
+        eos = self.eos
+        for enc in self.tok.encode_batch_fast(texts, add_special_tokens=False):
+            ids += enc.ids
+            ids.append(eos)
+        return np.array(ids, dtype=self.dtype).tobytes()
+
+    def _task(self, units: list[dict]) -> dict:
+        stats: dict = {"docs": [0, 0], "bytes": 0, "replaced": {}, "skipped": [], "empty": 0,
+                       "error": None}
+        texts: tuple[list[str], list[str]] = ([], [])
+        for unit in units:
+            try:
+                docs = read_unit(unit, self.text_field)
+            except DataError as e:
+                stats["error"] = str(e)
+                break
+            if docs.skip:
+                stats["skipped"].append({"path": unit["path"], "reason": docs.skip})
+                continue
+            if docs.replaced:
+                stats["replaced"][unit["path"]] = stats["replaced"].get(unit["path"], 0) \
+                    + docs.replaced
+            stats["bytes"] += docs.bytes
+            stats["empty"] += docs.empty
+            for doc_id, text in zip(docs.ids, docs.texts):
+                texts[is_val(doc_id, self.val_fraction, self.forced_val)].append(text)
+        stats["docs"] = [len(texts[0]), len(texts[1])]
+        return {"train": self._encode(texts[0]), "val": self._encode(texts[1]),
+                "stats": json.dumps(stats)}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self._task(json.loads(units)) for units in batch.column("units").to_pylist()]
+        return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
