@@ -42,7 +42,7 @@ test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/train_throughput.py
 
 clean:
 	rm -rf runs data .pytest_cache

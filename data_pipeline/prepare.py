@@ -237,10 +237,8 @@ def _tokenize_and_write(tasks: list[list[dict]], data: DataConfig, workers: int,
     ds = _tasks_dataset(tasks).map_batches(
         Tokenize, batch_size=1, batch_format="pyarrow", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=min(workers, len(tasks))),
-        fn_constructor_args=([ray.put(tok_json)], eos_id, dtype, data.text_field,
-                             data.val_fraction, forced_val),
-        # Constructor arguments live in the object store; a restarted actor could not get them.
-        max_restarts=0,
+        fn_constructor_args=(tok_json, eos_id, dtype, data.text_field, data.val_fraction,
+                             forced_val),
     )
     sizes = iter([sum(u["size"] for u in t) for t in tasks])
     bar = tqdm(total=sum(u["size"] for t in tasks for u in t), unit="B", unit_scale=True,

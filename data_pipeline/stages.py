@@ -50,17 +50,16 @@ def scan_batch(batch: pa.Table, text_field: str, val_fraction: float) -> pa.Tabl
 class Tokenize:
     """Ray Data actor: units -> token ids of the train and val documents, in document order."""
 
-    def __init__(self, tokenizer_ref: list, eos_id: int, dtype: str, text_field: str,
+    def __init__(self, tokenizer_json: str, eos_id: int, dtype: str, text_field: str,
                  val_fraction: float, forced_val: str | None):
         # One actor per CPU: the tokenizer's own thread pool would only oversubscribe the cores.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        import ray
         from tokenizers import Tokenizer
 
         from data_pipeline.tokenizer import for_encoding
 
-        # The ref arrives wrapped in a list so Ray passes it through unresolved; fetch once here.
-        self.tok = for_encoding(Tokenizer.from_str(ray.get(tokenizer_ref[0])))
+        # The tokenizer travels as JSON text once per actor (a restarted actor gets it again).
+        self.tok = for_encoding(Tokenizer.from_str(tokenizer_json))
         self.eos, self.dtype = eos_id, np.dtype(dtype)
         self.text_field, self.val_fraction, self.forced_val = text_field, val_fraction, forced_val
 

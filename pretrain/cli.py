@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Options may come anywhere among the overrides (`train CFG --nproc 2 a=1 b=2`)."""
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # --help, or the error for a missing/unknown command
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
 def cmd_prepare(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from data_pipeline.prepare import prepare
@@ -59,10 +70,12 @@ def cmd_train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from data_pipeline.sources import DataError
+
     try:
         return {"prepare": cmd_prepare, "train": cmd_train}[args.command](args)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

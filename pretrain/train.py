@@ -39,9 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
-    from pretrain.trainer import Trainer  # heavy imports after the config is known to be good
+    from pretrain.trainer import SetupError, Trainer  # heavy imports after the config is good
 
-    trainer = Trainer(cfg, env)
+    try:
+        trainer = Trainer(cfg, env)
+    except SetupError as e:
+        if env.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         trainer.train()
     finally:

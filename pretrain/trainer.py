@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,15 +31,27 @@ from pretrain.parallel.deepspeed import (
 from pretrain.schedule import lr_factor_fn
 
 
-class ResumeError(RuntimeError):
-    pass
+# DeepSpeed's ZeRO-2 calls a torch.distributed collective that torch has renamed; the warning
+# would repeat on every rank and is not the user's to act on.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                        category=FutureWarning)
+
+
+class SetupError(RuntimeError):
+    """The run cannot start as configured (data, vocabulary, device); the message says why and
+    what to change. Raised identically on every rank, before any step."""
+
+
+class ResumeError(SetupError):
+    """The latest checkpoint does not belong to this run's model, data or loader settings."""
 
 
 def pick_device(cfg: Config, env: DistEnv) -> torch.device:
     want = cfg.train.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+            raise SetupError("train.device=cuda but no CUDA device is visible: use "
+                             "train.device=auto or cpu, or run where a GPU is visible")
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
@@ -48,7 +61,7 @@ def resolve_vocab_size(cfg: Config, manifest: Manifest) -> int:
     tok = manifest.tokenizer.vocab_size
     if cfg.model.vocab_size is not None:
         if cfg.model.vocab_size < tok:
-            raise ValueError(
+            raise SetupError(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary ({tok}) in {cfg.data.dir}; raise it or leave it unset"
             )
@@ -82,9 +95,12 @@ class Trainer:
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        self.manifest = Manifest.load(cfg.data.dir)
+        try:
+            self.manifest = Manifest.load(cfg.data.dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise SetupError(str(e)) from None
         if self.manifest.seq_len != cfg.data.seq_len:
-            raise ValueError(
+            raise SetupError(
                 f"{cfg.data.dir} was prepared with seq_len={self.manifest.seq_len} but the config "
                 f"has data.seq_len={cfg.data.seq_len}: re-run `pretrain prepare` with this config "
                 "or set data.seq_len to match"
@@ -164,7 +180,10 @@ class Trainer:
                               + "\n  ".join(problems)
                               + "\nUse a new run.dir, or restore the settings above.")
         state = self.ckpt.load(self.engine, latest)
-        self.loader.load_state_dict(state["loader"])
+        try:
+            self.loader.load_state_dict(state["loader"])
+        except ValueError as e:
+            raise ResumeError(f"cannot resume from {where}: {e}") from None
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.resumed_from = latest
 

@@ -35,6 +35,19 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """One stdlib module prepared alone: a train split small enough to finish an epoch in tests."""
+    from data_pipeline.prepare import prepare
+    from pretrain.config_io import load_config
+
+    out = tmp_path_factory.mktemp("small_data")
+    cfg = load_config(TINY_CONFIG, [f"data.dir={out}", f"data.sources=[{STDLIB / 'dataclasses.py'}]",
+                                    "data.num_cpus=2", "data.val_fraction=0.0"])
+    prepare(cfg, progress=False)
+    return out
+
+
 def run_cli(args: list[str], *, timeout: float = 600, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run `pretrain ARGS` as a user would, in a fresh process."""

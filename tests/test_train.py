@@ -68,6 +68,32 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(stage, tiny_data, tmp_p
         assert got[step] == pytest.approx(expected[step], abs=1e-6, rel=0), step
 
 
+def test_audit_proves_every_sample_seen_once_across_an_interrupted_run(small_data, tmp_path):
+    """A run stops between checkpoints and is started again: it resumes from the last one,
+    replays the same samples after it, and over a whole epoch plus part of the next every
+    sample is served exactly once per epoch, on both ranks together."""
+    from data_pipeline.audit import check_exactly_once
+    from data_pipeline.format import Manifest
+
+    manifest = Manifest.load(small_data)
+    per_step = 2 * 4  # ranks x micro-batch
+    steps_per_epoch = manifest.splits["train"].samples / per_step
+    total = int(steps_per_epoch * 1.3)  # past the epoch boundary
+    stop = int(steps_per_epoch * 0.6)  # stops 5 steps after its last checkpoint
+    run = tmp_path / "run"
+    common = [*base_overrides(small_data, run), "data.audit=true", "data.num_workers=1",
+              "train.eval_interval=0", "logging.tensorboard=false", "parallel.zero_stage=1",
+              "checkpoint.save_final=false", f"checkpoint.interval={stop - 5}"]
+    run_cli(["train", str(TINY_CONFIG), *common, f"train.max_steps={stop}", "--nproc", "2"])
+    proc = run_cli(["train", str(TINY_CONFIG), *common, f"train.max_steps={total}",
+                    "--nproc", "2"])
+    assert f"resumed from step {stop - 5}" in proc.stdout
+    report = check_exactly_once(run / "audit", manifest, total * per_step)
+    assert report.full_epochs == 1 and report.partial_samples > 0
+    assert report.replayed == 5 * per_step  # the steps after the checkpoint, served again
+    assert report.records == total * per_step
+
+
 def test_resume_refuses_a_changed_model(tiny_data, tmp_path):
     run = tmp_path / "run"
     run_cli(["train", str(TINY_CONFIG), *base_overrides(tiny_data, run), "train.max_steps=2"])
