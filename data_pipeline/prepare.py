@@ -239,6 +239,10 @@ def _tokenize_and_write(tasks: list[list[dict]], data: DataConfig, workers: int,
         compute=ray.data.ActorPoolStrategy(size=min(workers, len(tasks))),
         fn_constructor_args=(tok_json, eos_id, dtype, data.text_field, data.val_fraction,
                              forced_val),
+        # The tokenizer JSON is large enough that Ray keeps it in the object store, from where
+        # a restarted actor could not be rebuilt; a failed actor fails the job (re-run resumes
+        # nothing half-written: shards are renamed only when complete).
+        max_restarts=0,
     )
     sizes = iter([sum(u["size"] for u in t) for t in tasks])
     bar = tqdm(total=sum(u["size"] for t in tasks for u in t), unit="B", unit_scale=True,
