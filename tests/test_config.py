@@ -298,7 +298,7 @@ def test_default_run_is_the_make_pretrain_run() -> None:
         ["stdlib"], "data/stdlib", 128, 8192)
     assert cfg.parallel.zero_stage == 2 and cfg.run.dir == "runs/gpt-default"
     assert (cfg.train.max_steps, cfg.train.micro_batch_size, cfg.checkpoint.interval,
-            cfg.train.eval_interval) == (300, 8, 100, 100)
+            cfg.train.eval_interval) == (800, 8, 200, 200)
     tiny = load_config(CONFIGS / "gpt-tiny.yaml")
     assert (tiny.model.n_layer, tiny.model.d_model, tiny.data.seq_len, tiny.data.dir,
             tiny.data.tokenizer.vocab_size) == (2, 64, 32, "data/tiny", 512)
