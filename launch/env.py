@@ -64,9 +64,10 @@ def free_port() -> int:
 
 
 def port_for_job(job_id: int) -> int:
-    """The rendezvous port of a Slurm job: 15000-24999, a function of the job id only (the same
-    on every node and after a requeue; different for neighbouring jobs and array tasks)."""
-    return 15000 + job_id % 10000
+    """The rendezvous port of a Slurm job: 20000-29999, a function of the job id only (the same
+    on every node and after a requeue; different for neighbouring jobs and array tasks). Clear of
+    Ray's default ports (10001-19999, 52365) and of Linux's ephemeral range (32768-)."""
+    return 20000 + job_id % 10000
 
 
 def _restart_count(env: dict[str, str]) -> int:

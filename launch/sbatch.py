@@ -132,7 +132,7 @@ def _directive_value(value: str, what: str) -> str:
 
 def file_slug(name: str) -> str:
     """`name` reduced to characters that are safe and readable in a file name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "job"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.")[:48].rstrip("_.") or "job"
 
 
 def _path_value(path: Path) -> str:
@@ -199,8 +199,10 @@ def render(spec: JobSpec, script_path: Path) -> str:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False,
+        comment_start_string="{##", comment_end_string="##}",  # bash has ${#array[@]}
     )
     env.filters["q"] = lambda v: shlex.quote(str(v))
+    env.filters["words"] = lambda vs: " ".join(shlex.quote(str(v)) for v in vs)
     template = env.get_template(f"{spec.kind}.sbatch.j2")
     return template.render(
         spec=spec, r=spec.resources, sbatch_lines=sbatch_lines(spec), script_path=script_path,

@@ -23,7 +23,7 @@ import sys
 import time
 
 from launch.env import LaunchEnvError, port_for_job
-from launch.hostlist import expand_hostlist
+from launch.hostlist import expand_hostlist, expand_tasks_per_node
 
 
 def _need(name: str) -> str:
@@ -46,6 +46,20 @@ def node_addr(node: str) -> str:
 
 def first_node() -> str:
     return expand_hostlist(_need("SLURM_JOB_NODELIST"))[0]
+
+
+def job_cpus_on_node(node: str) -> int | None:
+    """CPUs the job holds on `node` (SLURM_JOB_CPUS_PER_NODE, `2(x3),1`, in node-list order);
+    a step's own SLURM_CPUS_ON_NODE counts only the step's share."""
+    per_node = os.environ.get("SLURM_JOB_CPUS_PER_NODE", "")
+    try:
+        counts = expand_tasks_per_node(per_node) if per_node else []
+        hosts = expand_hostlist(_need("SLURM_JOB_NODELIST"))
+    except ValueError:
+        return None
+    if node in hosts and len(counts) == len(hosts):
+        return counts[hosts.index(node)]
+    return None
 
 
 def job_port() -> int:
@@ -75,7 +89,7 @@ def ray_node(head: bool, port: int | None, address: str | None, timeout: float) 
     if not os.access(ray, os.X_OK):
         ray = shutil.which("ray") or "ray"
     cmd = [ray, "start", "--block", "--disable-usage-stats", f"--node-ip-address={me}"]
-    cpus = os.environ.get("SLURM_CPUS_ON_NODE")
+    cpus = job_cpus_on_node(_need("SLURMD_NODENAME"))
     if cpus:
         cmd.append(f"--num-cpus={cpus}")
     if head:

@@ -16,8 +16,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from launch.sbatch import JobSpec, Resources, SubmitError, render, script_path_for, submit, \
-    write_script
+from launch.sbatch import JobSpec, Resources, SubmitError, file_slug, render, script_path_for, \
+    submit, write_script
 from pretrain.config_io import ConfigError, load_config
 
 
@@ -167,7 +167,7 @@ def build_spec(args) -> JobSpec:
                                   f"{task_dir}: each task needs its own")
             dirs[task_dir] = i
             array.append(task)
-    name = args.job_name or f"pretrain-{cfg.run.name or run_dir.name}"
+    name = args.job_name or f"pretrain-{file_slug(cfg.run.name or run_dir.name)}"
     setup = ""
     if args.setup is not None:
         try:
