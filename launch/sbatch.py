@@ -190,8 +190,9 @@ def render(spec: JobSpec, script_path: Path) -> str:
     for key in spec.env:
         if not _ENV_NAME.match(key):
             problems.append(f"--env {key!r}: not a shell variable name")
-    if spec.signal_seconds < 1:
-        problems.append(f"--signal-seconds must be at least 1, got {spec.signal_seconds}")
+    if not 1 <= spec.signal_seconds <= 65535:
+        problems.append(f"--signal-seconds must be in [1, 65535] (Slurm's range), got "
+                        f"{spec.signal_seconds}")
     if spec.launcher not in ("srun", "accelerate"):
         problems.append(f"--launcher must be srun or accelerate, got {spec.launcher!r}")
     if problems:
@@ -207,8 +208,6 @@ def render(spec: JobSpec, script_path: Path) -> str:
     return template.render(
         spec=spec, r=spec.resources, sbatch_lines=sbatch_lines(spec), script_path=script_path,
         created=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        command=shlex.join(["pretrain", "submit", *sys.argv[2:]]) if sys.argv[1:2] == ["submit"]
-        else "pretrain submit",
     )
 
 

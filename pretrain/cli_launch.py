@@ -12,6 +12,7 @@ See docs/SLURM.md.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -25,6 +26,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config, e.g. configs/gpt-default.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.max_steps=20 run.dir=runs/x")
+
+
+def default_python() -> str:
+    """This interpreter, named through the real path of its virtualenv: a venv reached through a
+    symlink is the same environment, and one spelling of its path on every node keeps JIT-built
+    extensions (DeepSpeed's CPU ops) from being rebuilt for another spelling."""
+    if sys.prefix != sys.base_prefix:
+        python = Path(sys.prefix).resolve() / "bin" / Path(sys.executable).name
+        if os.access(python, os.X_OK):
+            return str(python)
+    return sys.executable
 
 
 def _add_resource_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +64,7 @@ def _add_resource_args(p: argparse.ArgumentParser) -> None:
                    help="export this variable in the job (repeatable)")
     j.add_argument("--setup", type=Path, metavar="FILE",
                    help="shell lines to run first (module load, conda activate), as written")
-    j.add_argument("--python", default=sys.executable,
+    j.add_argument("--python", default=default_python(),
                    help="Python interpreter on the compute nodes (default: this one)")
     j.add_argument("--dry-run", action="store_true",
                    help="print the script instead of saving and submitting it")

@@ -44,11 +44,24 @@ class Cluster:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
+    def nodes_idle(self) -> bool:
+        states = self.run("sinfo", "-h", "-N", "-o", "%T").stdout.split()
+        return bool(states) and all(s == "idle" for s in states)
+
+    def diagnostics(self, job_id: str) -> str:
+        """The daemons' log lines about a job (for assertion messages)."""
+        lines = []
+        for log in sorted((self.state / "log").glob("slurm*.log")):
+            lines += [f"{log.name}: {line}" for line in log.read_text().splitlines()
+                      if job_id.split("_")[0] in line]
+        return "\n".join(lines[-40:])
+
     def wait(self, job_id: str, timeout: float = 180, release_requeued: bool = False,
              until=None) -> dict[str, str]:
         """Wait until the job reaches a final state (or `until(info)` holds). A requeued job is
         held by Slurm as PENDING (reason BeginTime) for about two minutes before it may start
-        again; with `release_requeued` its start time is set to now instead."""
+        again; with `release_requeued` its start time is set to now instead, once its previous
+        run has left both nodes (idle)."""
         deadline = time.monotonic() + timeout
         while True:
             info = self.job(job_id)
@@ -57,7 +70,8 @@ class Cluster:
             if info.get("JobState") in FINAL_STATES and until is None:
                 return info
             if (release_requeued and info.get("JobState") == "PENDING"
-                    and info.get("Reason") == "BeginTime" and int(info.get("Restarts", 0)) > 0):
+                    and info.get("Reason") == "BeginTime" and int(info.get("Restarts", 0)) > 0
+                    and self.nodes_idle()):
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} still {info.get('JobState')} "

@@ -123,7 +123,7 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(cluster, tiny_data, 
     cluster.run("scancel", "--signal=USR1", job)
     info = cluster.wait(job, timeout=240, release_requeued=True)
     log = job_log(proc.stdout).read_text()
-    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert info["JobState"] == "COMPLETED", log[-3000:] + cluster.diagnostics(job)
     assert info["Restarts"] == "1"
     stop_line = next(line for line in log.splitlines() if "SIGUSR1 received" in line)
     stopped_at = int(stop_line.split("after step ")[1].split()[0])
@@ -155,7 +155,7 @@ def test_two_node_checkpoint_resumes_as_one_node_job_under_accelerate(cluster, r
     job = submitted_job_id(proc.stdout)
     info = cluster.wait(job)
     log = job_log(proc.stdout).read_text()
-    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert info["JobState"] == "COMPLETED", log[-3000:] + cluster.diagnostics(job)
     assert "resumed from step 200" in log and "world 2 (dp 2)" in log
     acc = yaml.safe_load((run_dir / "slurm" / "accelerate_config.yaml").read_text())
     assert acc["num_machines"] == 1 and acc["num_processes"] == 2
@@ -174,7 +174,7 @@ def test_prepare_job_runs_ray_across_both_nodes(cluster, tmp_path):
     job = submitted_job_id(proc.stdout)
     info = cluster.wait(job)
     log = job_log(proc.stdout).read_text()
-    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert info["JobState"] == "COMPLETED", log[-3000:] + cluster.diagnostics(job)
     assert "cluster up: 2 nodes" in log
     assert "--head" in log and "--address=" in log  # a head on n1, a worker on n2
     assert f"prepared {data_dir}" in log and "on 4 CPUs" in log  # 2 CPUs of each node
@@ -204,10 +204,12 @@ def test_array_tasks_get_their_overrides_and_a_bad_config_fails_fast(cluster, ti
         info = cluster.wait(f"{job}_{i}", timeout=120)
         log = (tmp_path / "sweep" / "slurm" / f"pretrain-sweep-{job}_{i}.out").read_text()
         # exit 2 (setup error), or 143 when srun ended rank 0 before it had exited by itself
-        assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log[-3000:]
+        assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", \
+            log[-3000:] + cluster.diagnostics(job)
         rank0 = [line for line in log.splitlines() if line.startswith("0: error:")]
         assert rank0 and str(missing[i]) in "\n".join(rank0), log[-3000:]
-        assert "1: error:" not in log  # the same error once, from rank 0
+        # the same error once, from rank 0
+        assert not any(line.startswith("1: error:") for line in log.splitlines())
         assert "error: training failed (exit" in log
         saved = (tmp_path / "sweep" / str(i))
         assert not (saved / "checkpoints").exists()
@@ -251,7 +253,8 @@ def test_scancel_makes_the_ranks_save_and_the_job_stays_cancelled(cluster, tiny_
     time.sleep(2)
     info = cluster.job(job)
     log = job_log(proc.stdout).read_text()
-    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log[-3000:]
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", \
+        log[-3000:] + cluster.diagnostics(job)
     stop_line = next(line for line in log.splitlines() if "SIGTERM received" in line)
     stopped_at = int(stop_line.split("after step ")[1].split()[0])
     ckpt = run_dir / "checkpoints" / f"step-{stopped_at:08d}"
@@ -269,7 +272,7 @@ def test_a_rank_that_dies_fails_the_job_at_once(cluster, tiny_data, tmp_path):
     t0 = time.monotonic()
     info = cluster.wait(job, timeout=120)
     log = job_log(proc.stdout).read_text()
-    assert info["JobState"] == "FAILED", log[-3000:]
+    assert info["JobState"] == "FAILED", log[-3000:] + cluster.diagnostics(job)
     assert time.monotonic() - t0 < 60  # not parallel.timeout_minutes (10) later
     assert "task 1: Killed" in log and "training failed" in log
 

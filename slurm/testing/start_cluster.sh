@@ -46,6 +46,9 @@ CTLD_PORT=${SLURMCTLD_PORT:-$(free_port)}
 PORT_N1=${SLURMD_PORT_N1:-$(free_port)}
 PORT_N2=${SLURMD_PORT_N2:-$(free_port)}
 CPUS=${CPUS_PER_NODE:-2}
+# Jobs derive their rendezvous port from the job id (20000 + id % 10000): a random first id keeps
+# two clusters on one machine (two test sessions) from handing out the same ports.
+FIRST_JOB_ID=${FIRST_JOB_ID:-$(( RANDOM % 9000 + 1000 ))}
 HOST=$(hostname -s)
 MEM_MB=${MEM_PER_NODE_MB:-4096}
 
@@ -88,6 +91,7 @@ MessageTimeout=10
 SlurmctldTimeout=30
 SlurmdTimeout=30
 JobRequeue=1
+FirstJobId=$FIRST_JOB_ID
 NodeName=n1 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$PORT_N1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 NodeName=n2 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$PORT_N2 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
