@@ -8,8 +8,9 @@ trainer asks `agreed()` at every step boundary. That reduces the flag over all r
 signal numbers): ranks that were signalled a step apart, or not at all, still stop after the same
 step, and every rank then joins the collective checkpoint save.
 
-Forked children (DataLoader workers) inherit the handler, so a signal sent to every process of a
-Slurm step does not kill them; they simply ignore the request.
+The cost is one 8-byte all-reduce per step. Slurm signals every process of a job step, the
+DataLoader workers too: they ignore these signals (data_pipeline/loader.py) and leave the stop to
+their rank.
 """
 
 from __future__ import annotations
