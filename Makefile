@@ -15,7 +15,13 @@ NPROC       ?= 2
 OVERRIDES   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install pretrain prepare train test bench clean
+# The Slurm tests start a real two-node cluster on this machine (slurm/testing/start_cluster.sh)
+# from the distribution's packages: `make test` installs them first when they are missing and
+# it can (root with apt-get); otherwise those tests skip and say why.
+SLURM_PACKAGES ?= slurmctld slurmd slurm-client munge
+APT_GET     := DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0
+
+.PHONY: install pretrain prepare train test bench clean slurm-packages
 
 install: $(VENV)/.installed
 
@@ -38,8 +44,22 @@ train: install
 
 pretrain: prepare train
 
-test: install
+test: install slurm-packages
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+slurm-packages:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
+	    && command -v sbatch >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(SLURM_PACKAGES) with apt-get (for the Slurm tests)"; \
+	    $(APT_GET) install --no-install-recommends $(SLURM_PACKAGES) >/dev/null \
+	    || { $(APT_GET) update >/dev/null \
+	         && $(APT_GET) install --no-install-recommends $(SLURM_PACKAGES) >/dev/null; } \
+	    || echo "warning: could not install $(SLURM_PACKAGES): the Slurm tests will skip"; \
+	else \
+	    echo "note: $(SLURM_PACKAGES) missing and not installable here (needs root and apt-get):" \
+	         "the Slurm tests will skip"; \
+	fi
 
 bench: install
 	$(PY) benchmarks/train_throughput.py

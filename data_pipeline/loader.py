@@ -21,6 +21,7 @@ positions; sample_ids [M] int64 indices of the samples within the split (key = s
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -104,6 +105,16 @@ class _BatchStream(IterableDataset):
         }
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker leaves stopping to its rank. Slurm signals every process of a job step
+    (SIGUSR1 before the time limit, SIGTERM on cancel or preemption), and torch's workers die of
+    SIGTERM, which would fail the rank while it finishes its step and saves a checkpoint
+    (pretrain/stop.py). A worker still exits with its rank: torch's watchdog ends it when the
+    parent is gone, and the job step's end kills whatever remains."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _iterate(
     stream: _BatchStream, num_workers: int, prefetch_factor: int, pin_memory: bool
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -124,6 +135,7 @@ def _iterate(
                 # a resumed run (which opens its iterator at another step) would diverge in
                 # dropout from the uninterrupted one.
                 generator=torch.Generator().manual_seed(0),
+                worker_init_fn=_ignore_stop_signals,
             )
         )
         pin = False

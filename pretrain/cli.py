@@ -2,6 +2,8 @@
 
     pretrain prepare CONFIG [key=value ...] [--force]    raw text -> tokenizer, shards, manifest
     pretrain train   CONFIG [key=value ...] [--nproc N]  train (N local ranks through torchrun)
+    pretrain submit  train|prepare CONFIG [key=value ...] --nodes N [...]   Slurm job
+    pretrain accelerate-config CONFIG --nproc-per-node P [...]   config for `accelerate launch`
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import shutil
 import sys
 
+from pretrain import cli_launch
 from pretrain.config_io import ConfigError, load_config
 
 
@@ -31,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t)
     t.add_argument("--nproc", type=int, default=None,
                    help="start this many local ranks with torchrun (default: this process only)")
+    cli_launch.add_parsers(sub)
     return parser
 
 
@@ -40,7 +44,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     commands = parser._subparsers._group_actions[0].choices
     if not argv or argv[0] not in commands:
         return parser.parse_args(argv)  # --help, or the error for a missing/unknown command
-    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    command, rest = commands[argv[0]], argv[1:]
+    if command._subparsers is not None:  # `submit train|prepare`
+        kinds = command._subparsers._group_actions[0].choices
+        if not rest or rest[0] not in kinds:
+            return parser.parse_args(argv)
+        args = kinds[rest[0]].parse_intermixed_args(rest[1:])
+        args.kind = rest[0]
+    else:
+        args = command.parse_intermixed_args(rest)
     args.command = argv[0]
     return args
 
@@ -54,7 +66,9 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    from launch.env import read_dist_env
+
+    world = args.nproc or read_dist_env().world_size  # torchrun's, srun's, or 1
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError([f"--nproc must be at least 1, got {args.nproc}"])
     load_config(args.config, args.overrides, world_size=world)  # fail here, once, not per rank
@@ -72,10 +86,12 @@ def cmd_train(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from data_pipeline.sources import DataError
+    from launch.env import LaunchEnvError
 
+    commands = {"prepare": cmd_prepare, "train": cmd_train, **cli_launch.COMMANDS}
     try:
-        return {"prepare": cmd_prepare, "train": cmd_train}[args.command](args)
-    except (ConfigError, DataError) as e:
+        return commands[args.command](args)
+    except (ConfigError, DataError, LaunchEnvError, *cli_launch.ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

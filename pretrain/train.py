@@ -2,7 +2,14 @@
 
 Runs the same way as a plain process (`python -m pretrain.train CONFIG`), under torchrun
 (`torchrun --nproc-per-node N -m pretrain.train CONFIG`), under the deepspeed launcher
-(`deepspeed --num_gpus N --module pretrain.train CONFIG`) and from `pretrain train`.
+(`deepspeed --num_gpus N --module pretrain.train CONFIG`), as one srun task per rank
+(`srun python -m pretrain.train CONFIG`, what `pretrain submit train` runs) and from
+`pretrain train`.
+
+SIGUSR1 and SIGTERM ask the run to stop: the ranks agree on a step, save a checkpoint there and
+exit 0 (pretrain/stop.py). When PRETRAIN_STATUS_FILE is set, rank 0 writes how the run ended
+into it (`finished <step>` or `stopped <signal> <step>`): the sbatch script reads it to decide
+whether to requeue the job.
 """
 
 from __future__ import annotations
@@ -11,8 +18,12 @@ import argparse
 import os
 import sys
 
-from launch.env import LaunchEnvError, free_port, read_dist_env
+from data_pipeline.format import atomic_write_text
+from launch.env import LaunchEnvError, export_torch_env, free_port, read_dist_env
 from pretrain.config_io import ConfigError, load_config
+from pretrain.stop import StopRequest
+
+STATUS_FILE_VAR = "PRETRAIN_STATUS_FILE"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,30 +38,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Installed first: a signal that arrives during setup is honoured at the first step.
+    stop = StopRequest().install()
     try:
         env = read_dist_env()
         cfg = load_config(args.config, args.overrides, world_size=env.world_size)
     except (ConfigError, LaunchEnvError) as e:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
     if env.launcher == "single":
         # A plain process is a world of one; DeepSpeed still wants a process group.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    elif env.launcher == "slurm":
+        export_torch_env(env)
 
     from pretrain.trainer import SetupError, Trainer  # heavy imports after the config is good
 
     try:
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, stop=stop)
     except SetupError as e:
         if env.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        trainer.train()
+        summary = trainer.train()
     finally:
         trainer.close()
+    status_file = os.environ.get(STATUS_FILE_VAR)
+    if status_file and env.rank == 0:
+        how = (f"stopped {summary['stopped_by']}" if summary.get("stopped_by") else "finished")
+        atomic_write_text(status_file, f"{how} {summary['step']}\n")
     return 0
 
 

@@ -29,6 +29,7 @@ from pretrain.parallel.deepspeed import (
     build_ds_config, build_optimizer, init_distributed, init_engine, resolve_precision,
 )
 from pretrain.schedule import lr_factor_fn
+from pretrain.stop import StopRequest, signal_name
 
 
 # DeepSpeed's ZeRO-2 calls a torch.distributed collective that torch has renamed; the warning
@@ -80,8 +81,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, stop: StopRequest | None = None):
         self.cfg, self.env = cfg, env
+        self.stop = stop  # checked at every step boundary (pretrain/stop.py)
         self.device = pick_device(cfg, env)
         backend = cfg.parallel.backend
         if backend == "auto":
@@ -248,6 +250,7 @@ class Trainer:
         tokens_per_step = self.global_batch * cfg.data.seq_len
         window_start, window_steps = time.perf_counter(), 0
         last_val = None
+        stopped_by = None
         while self.step < t.max_steps:
             loss_sum = torch.zeros((), dtype=torch.float64)
             for micro in range(t.grad_accum_steps):
@@ -275,14 +278,27 @@ class Trainer:
                 last_val = self._log_eval(self.evaluate())
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save()
+            if self.stop is not None:
+                stopped_by = self.stop.agreed(self.device)  # same answer on every rank
+                if stopped_by:
+                    break
         if pbar is not None:
             pbar.close()
-        if last_val is None:
-            last_val = self._log_eval(self.evaluate())
-        if cfg.checkpoint.save_final:
+        if stopped_by:
+            # Asked to stop (Slurm's warning signal, preemption, cancel): save now, skip the
+            # final evaluation; the time left before SIGKILL is for the checkpoint.
+            if main:
+                print(f"[pretrain] {signal_name(stopped_by)} received: stopping after step "
+                      f"{self.step} and saving a checkpoint", flush=True)
             self.save()
+        else:
+            if last_val is None:
+                last_val = self._log_eval(self.evaluate())
+            if cfg.checkpoint.save_final:
+                self.save()
         summary = {"run_dir": str(self.run_dir), "step": self.step, "first_val_loss": first_val,
-                   "final_val_loss": last_val}
+                   "final_val_loss": last_val,
+                   "stopped_by": signal_name(stopped_by) if stopped_by else None}
         if main:
             print(self._summary(summary), flush=True)
         return summary
@@ -310,6 +326,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
             "epoch": self.loader.epoch,
+            "restart_count": self.env.restart_count,
         }
         if self.peak_tflops:
             achieved = self.flops_per_token * tokens_per_sec / self.env.world_size
@@ -338,11 +355,15 @@ class Trainer:
             f"world {self.env.world_size} (dp {self.dp_size}) | ZeRO-{self.cfg.parallel.zero_stage}"
             f" | {self.device.type} {self.precision} | global batch {self.global_batch} x "
             f"{self.cfg.data.seq_len} tokens | {how} | run dir {self.run_dir}"
+            + (f" | Slurm restart {self.env.restart_count}" if self.env.restart_count else "")
         )
 
     @staticmethod
     def _summary(s: dict) -> str:
         lines = [f"run directory: {s['run_dir']}"]
+        if s.get("stopped_by"):
+            lines.append(f"stopped by {s['stopped_by']} at step {s['step']} with a checkpoint; "
+                         "the same command resumes from it")
         first, final = s["first_val_loss"], s["final_val_loss"]
         if first is not None and final is not None:
             lines.append(f"validation loss: {first:.4f} before -> {final:.4f} after "
