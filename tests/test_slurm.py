@@ -121,7 +121,7 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(cluster, tiny_data, 
         assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING")
         time.sleep(0.2)
     cluster.run("scancel", "--signal=USR1", job)
-    info = cluster.wait(job, timeout=240, release_requeued=True)
+    info = cluster.wait(job, timeout=240)
     log = job_log(proc.stdout).read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:] + cluster.diagnostics(job)
     assert info["Restarts"] == "1"

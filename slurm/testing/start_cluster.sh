@@ -61,7 +61,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$STATE/munge/munge.socket
+# cred_expire: a requeued job waits this long before it may start again (its old credential
+# must expire first; Slurm's default is 120 s). Starting it sooner makes the nodes refuse it.
+AuthInfo=socket=$STATE/munge/munge.socket,cred_expire=10
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool-%n
 SlurmctldPidFile=$STATE/slurmctld.pid
