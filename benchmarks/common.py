@@ -61,3 +61,51 @@ def _fmt(c: object) -> str:
     if isinstance(c, int):
         return f"{c:,}"
     return str(c)
+
+
+def write_synthetic_data(data_dir: str | os.PathLike, *, samples: int, seq_len: int,
+                         vocab_size: int = 8192, shard_bytes: int = 16 * 2**20,
+                         seed: int = 0):
+    """A prepared-data directory of `samples` random training samples of seq_len + 1 token ids,
+    written by the pipeline's own SplitWriter (the same tar shards `pretrain prepare` writes),
+    with a word-level tokenizer.json of `vocab_size` tokens and the manifest, written last.
+    Returns the Manifest."""
+    from pathlib import Path
+
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from data_pipeline.format import (
+        TOKENIZER_NAME, Manifest, SplitInfo, TokenizerInfo, sha256_file,
+    )
+    from data_pipeline.packing import SplitWriter
+
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.WordLevel({eos: 0} | {f"t{i}": i for i in range(1, vocab_size)},
+                                     unk_token=eos))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(data_dir / TOKENIZER_NAME))
+    dtype = "uint16" if vocab_size <= 2**16 else "uint32"
+    sample_len = seq_len + 1
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("train", samples), ("val", 0)):
+        writer = SplitWriter(data_dir, split, sample_len, dtype, shard_bytes)
+        for start in range(0, n, 65536):  # bounded memory: 64Ki samples at a time
+            rows = min(65536, n - start)
+            writer.write(rng.integers(0, vocab_size, (rows, sample_len), dtype=np.int64)
+                         .astype(dtype))
+        shards = writer.close()
+        splits[split] = SplitInfo(documents=0, samples=writer.samples,
+                                  tokens=writer.samples * sample_len, shards=shards)
+    manifest = Manifest(
+        seq_len=seq_len, sample_len=sample_len, dtype=dtype,
+        tokenizer=TokenizerInfo(sha256=sha256_file(data_dir / TOKENIZER_NAME),
+                                vocab_size=vocab_size, eos_token=eos, eos_id=0,
+                                special_tokens={eos: 0}),
+        splits=splits, stats={"synthetic": True}, config_hash="synthetic",
+    )
+    manifest.save(data_dir)
+    return manifest

@@ -8,8 +8,8 @@ written under a hidden temporary name, hashed while it is written, fsynced, and 
 to its final name. Tar members carry fixed metadata (mtime 0), so the same tokens give
 byte-identical shards.
 
-Every member of a split has the same layout (only the digits of the key differ), so `_Members`
-lays out whole blocks of samples with numpy: a tar header made once by `tarfile`, the key's
+Every member of a split has the same layout (only the digits of the key differ), so
+`MemberLayout` lays out whole blocks of samples with numpy: a tar header made once by `tarfile`, the key's
 digits and the header checksum patched per row, the .npy header, the tokens, the zero padding.
 The bytes are exactly those of webdataset's `TarWriter` with `mtime=0` (a test compares them),
 written at memory speed instead of through a Python call chain per sample.
@@ -57,7 +57,7 @@ def _npy_header(sample_len: int, dtype: np.dtype) -> bytes:
     return buf.getvalue()[: -sample_len * dtype.itemsize]
 
 
-class _Members:
+class MemberLayout:
     """The bytes of tar members `<split><index>.tokens.npy` for blocks of samples of one split."""
 
     def __init__(self, split: str, sample_len: int, dtype: np.dtype):
@@ -81,21 +81,37 @@ class _Members:
         self.powers = 10 ** np.arange(_KEY_DIGITS - 1, -1, -1, dtype=np.int64)  # [10]
         self.octal = 3 * np.arange(5, -1, -1, dtype=np.int64)  # [6] shifts of the octal digits
 
-    def layout(self, first: int, samples: np.ndarray) -> np.ndarray:
-        """[n, size] uint8: the members of samples [n, sample_len] with indices first, first+1, ..."""
-        n = len(samples)
+    def _fill(self, out: np.ndarray, first: int) -> None:
+        """Write the headers of members first, first+1, ... into out [n, >= payload.start]."""
+        n = len(out)
         if first + n > 10**_KEY_DIGITS:
             raise ValueError(f"a split holds at most 10^{_KEY_DIGITS} samples (keys have "
                              f"{_KEY_DIGITS} digits)")
-        out = np.empty((n, self.size), dtype=np.uint8)
-        out[:] = self.template
+        out[:] = self.template[: out.shape[1]]
         index = np.arange(first, first + n, dtype=np.int64)
         digits = (index[:, None] // self.powers) % 10 + ord("0")  # [n, 10]
         out[:, self.digits] = digits
         chksum = self.base_sum + digits.sum(axis=1)  # [n]
         out[:, _CHKSUM] = (chksum[:, None] >> self.octal) % 8 + ord("0")
+
+    def headers(self, first: int, n: int) -> np.ndarray:
+        """[n, payload.start] uint8: what precedes the tokens in members first, ..., first+n-1."""
+        out = np.empty((n, self.payload.start), dtype=np.uint8)
+        self._fill(out, first)
+        return out
+
+    def layout(self, first: int, samples: np.ndarray) -> np.ndarray:
+        """[n, size] uint8: the members of samples [n, sample_len] with indices first, first+1, ..."""
+        n = len(samples)
+        out = np.empty((n, self.size), dtype=np.uint8)
+        self._fill(out, first)
         out[:, self.payload] = np.ascontiguousarray(samples).view(np.uint8).reshape(n, -1)
         return out
+
+    @staticmethod
+    def end_bytes(size: int) -> int:
+        """Zero bytes that close an archive of `size` bytes of members (tarfile's stream mode)."""
+        return _TAR_END + (-(size + _TAR_END)) % _TAR_RECORD
 
 
 class _HashingFile:
@@ -123,7 +139,7 @@ class SplitWriter:
         self._tmp: Path | None = None
         self._file: io.BufferedWriter | None = None
         self._hashing: _HashingFile | None = None
-        self._members = _Members(split, sample_len, self.dtype)
+        self._members = MemberLayout(split, sample_len, self.dtype)
         self._first = 0
 
     def _open(self) -> None:
@@ -136,8 +152,7 @@ class SplitWriter:
     def _finish_shard(self) -> None:
         assert self._file and self._hashing and self._tmp
         # End of archive, padded to whole records (what tarfile writes in stream mode).
-        end = _TAR_END + (-(self._hashing.size + _TAR_END)) % _TAR_RECORD
-        self._hashing.write(bytes(end))
+        self._hashing.write(bytes(MemberLayout.end_bytes(self._hashing.size)))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

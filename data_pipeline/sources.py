@@ -29,6 +29,8 @@ from pretrain.config import DataConfig
 JSONL_CHUNK = 8 * 2**20
 """Target bytes of one JSONL unit (cut at the next line end)."""
 _READ_BLOCK = 8 * 2**20
+TASKS_PER_WORKER = 16
+"""Ray tasks planned per worker (group_units); fewer, larger tasks leave workers idle at the end."""
 _STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 """Directories of the stdlib that `stdlib` leaves out: installed packages and test suites."""
 
@@ -222,12 +224,14 @@ def plan_units(files: list[SourceFile], text_field: str) -> tuple[list[dict], li
 
 
 def group_units(units: list[dict], workers: int) -> list[list[dict]]:
-    """Consecutive units grouped into Ray tasks of similar byte size (~4 tasks per worker).
+    """Consecutive units grouped into Ray tasks of similar byte size (~16 tasks per worker).
 
     Grouping only changes parallelism, never the output: results are consumed in unit order.
+    Many tasks per worker keep every worker busy to the end (with 4, the last tasks left one of
+    two workers idle: the tokenize stage took 1.3-1.5x as long, see BENCHMARKS.md).
     """
     total = sum(u["size"] for u in units)
-    target = min(max(total // (4 * max(workers, 1)), 256 * 2**10), 64 * 2**20)
+    target = min(max(total // (TASKS_PER_WORKER * max(workers, 1)), 256 * 2**10), 64 * 2**20)
     tasks: list[list[dict]] = [[]]
     size = 0
     for u in units:

@@ -651,6 +651,40 @@ def test_shards_are_byte_identical_to_webdataset_tarwriter(tmp_path, dtype, samp
         assert shard.bytes == len(buf.getvalue()) <= SHARD_BYTES
 
 
+def test_shard_reader_fast_path_equals_general_path_and_declines_other_layouts(tmp_path,
+                                                                              monkeypatch):
+    # read_shard decodes SplitWriter's exact layout with numpy; any other byte layout must go
+    # to the general path: members out of key order decode by key, a damaged header is an error.
+    import data_pipeline.shard_reader as reader
+    from data_pipeline.packing import MemberLayout
+    from data_pipeline.shard_reader import ShardError
+
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 2**16, (40, 33)).astype("uint16")
+    writer = SplitWriter(tmp_path, "train", 33, "uint16", SHARD_BYTES)
+    writer.write(rows)
+    shard = writer.close()[1]  # samples 19.., so keys do not start at 0
+    path = tmp_path / shard.name
+    fast = read_shard(path, shard, "train", 33, "uint16")
+    assert np.array_equal(fast, rows[shard.first_sample : shard.first_sample + shard.samples])
+    with monkeypatch.context() as mp:
+        mp.setattr(reader, "_read_uniform", lambda *a: None)
+        assert np.array_equal(read_shard(path, shard, "train", 33, "uint16"), fast)
+
+    size = MemberLayout("train", 33, np.dtype("uint16")).size
+    data = bytearray(path.read_bytes())
+    swapped = data[:size * 2]
+    swapped[:size], swapped[size:] = data[size : size * 2], data[:size]  # a valid tar still
+    path.write_bytes(bytes(swapped) + data[size * 2 :])
+    assert reader._read_uniform(path.read_bytes(), shard, "train", 33, np.dtype("uint16")) is None
+    assert np.array_equal(read_shard(path, shard, "train", 33, "uint16", verify_checksum=False),
+                          fast)
+    data[size * 3 + len("train") + 9] ^= 1  # a digit of the 4th key, its checksum left as is
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"shard {re.escape(str(path))}"):
+        read_shard(path, shard, "train", 33, "uint16", verify_checksum=False)
+
+
 def test_val_fallback_moves_the_lowest_scoring_document(tmp_path):
     # No id hashes below val_fraction = 0.3: the lowest-scoring document (g.txt) goes to val.
     names = ["a.txt", "b.txt", "c.txt", "e.txt", "g.txt"]
