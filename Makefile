@@ -41,8 +41,8 @@ pretrain: prepare train
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: install
-	$(PY) benchmarks/train_throughput.py
+bench: install  # every benchmark in benchmarks/, each ending in its ratio line (BENCHMARKS.md)
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf runs data .pytest_cache
