@@ -23,7 +23,7 @@ SMOKE = {
     "train_throughput.py": ["--batch", "2", "--seq", "32", "--vocab", "512", "--steps", "1",
                             "--rounds", "1"],
     "data_prep.py": ["--sources", str(STDLIB / "json"), "--repeat", "1", "--rounds", "1",
-                     "--vocab", "512", "--cpus", "2"],
+                     "--vocab", "512", "--cpus", "2", "--no-cold"],
     "loader_throughput.py": ["--samples", "3000", "--batches", "20", "--steps", "1",
                              "--rounds", "1", "--workers", "0", "1"],
     "resume_seek.py": ["--gb", "0.01", "--rounds", "1"],
