@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from collections.abc import Callable, Sequence
 
 
@@ -24,7 +23,7 @@ def machine_line() -> str:
 
 
 def load_line() -> str:
-    """1/5/15-minute load averages: a figure measured at a load above the core count is disturbed."""
+    """1/5/15-minute load averages (above the core count, a figure is disturbed)."""
     one, five, fifteen = os.getloadavg()
     return f"load average: {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
@@ -36,12 +35,6 @@ def best_of(rounds: int, contenders: dict[str, Callable[[], float]]) -> dict[str
         for name, fn in contenders.items():
             times[name].append(fn())
     return times
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -52,7 +52,7 @@ os.environ["RAYON_NUM_THREADS"] = str(_cpus_arg(sys.argv) or os.cpu_count() or 1
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from benchmarks.common import best_of, load_line, machine_line, table, timed  # noqa: E402
+from benchmarks.common import best_of, load_line, machine_line, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "gpt-default.yaml"

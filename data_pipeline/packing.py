@@ -9,10 +9,11 @@ to its final name. Tar members carry fixed metadata (mtime 0), so the same token
 byte-identical shards.
 
 Every member of a split has the same layout (only the digits of the key differ), so
-`MemberLayout` lays out whole blocks of samples with numpy: a tar header made once by `tarfile`, the key's
-digits and the header checksum patched per row, the .npy header, the tokens, the zero padding.
-The bytes are exactly those of webdataset's `TarWriter` with `mtime=0` (a test compares them),
-written at memory speed instead of through a Python call chain per sample.
+`MemberLayout` lays out whole blocks of samples with numpy: a tar header made once by `tarfile`,
+the key's digits and the header checksum patched per row, the .npy header, the tokens, the zero
+padding. The bytes are exactly those of webdataset's `TarWriter` with `mtime=0` (a test compares
+them), written at memory speed instead of through a Python call chain per sample. The shard
+reader uses the same layout to recognize and decode such shards in one piece.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class MemberLayout:
         return out
 
     def layout(self, first: int, samples: np.ndarray) -> np.ndarray:
-        """[n, size] uint8: the members of samples [n, sample_len] with indices first, first+1, ..."""
+        """[n, size] uint8: the members of samples [n, sample_len], indices first, first+1, ..."""
         n = len(samples)
         out = np.empty((n, self.size), dtype=np.uint8)
         self._fill(out, first)
