@@ -61,8 +61,8 @@ slurm-packages:
 	         "the Slurm tests will skip"; \
 	fi
 
-bench: install
-	$(PY) benchmarks/train_throughput.py
+bench: install  # every benchmark in benchmarks/, each ending in its ratio line (BENCHMARKS.md)
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf runs data .pytest_cache

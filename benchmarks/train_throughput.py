@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from pretrain.config import ModelConfig
-from pretrain.metrics import device_peak_tflops
-from pretrain.model import build_model
+import torch  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+from benchmarks.common import load_line  # noqa: E402
+
+from pretrain.config import ModelConfig  # noqa: E402
+from pretrain.metrics import device_peak_tflops  # noqa: E402
+from pretrain.model import build_model  # noqa: E402
 
 PRESETS = {  # (n_layer, n_head, d_model)
     "cpu-small": (4, 4, 256),
@@ -117,6 +123,7 @@ def main() -> None:
     datasheet = device_peak_tflops(device, None)
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}")
+    print(load_line())
     print(f"model: {args.preset} (L={n_layer}, H={n_head}, d={d}), batch {args.batch} x seq "
           f"{args.seq}, vocab {args.vocab}, AdamW, fp32; {args.rounds} rounds x {args.steps} steps")
     print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")

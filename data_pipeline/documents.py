@@ -76,12 +76,25 @@ def _read_bytes(path: str, start: int = 0, length: int = -1) -> bytes:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def _text_skip(raw: bytes) -> str | None:
+    """Why a text file whose bytes start with `raw` is not a document (None: it is one)."""
+    if not raw:
+        return "empty file"
+    if b"\0" in raw[:_BINARY_PROBE]:
+        return f"binary file (NUL byte in the first {_BINARY_PROBE} bytes)"
+    return None
+
+
+def probe_text_unit(unit: dict) -> str | None:
+    """What read_unit decides about a text unit, from its first bytes only: None if it is one
+    document (id unit["rel"]), else why it is skipped. Raises DataError if it cannot be read."""
+    return _text_skip(_read_bytes(unit["path"], 0, _BINARY_PROBE))
+
+
 def _read_text(unit: dict) -> UnitDocs:
     raw = _read_bytes(unit["path"])
-    if not raw:
-        return UnitDocs(skip="empty file")
-    if b"\0" in raw[:_BINARY_PROBE]:
-        return UnitDocs(skip=f"binary file (NUL byte in the first {_BINARY_PROBE} bytes)")
+    if (skip := _text_skip(raw)) is not None:
+        return UnitDocs(skip=skip)
     text, replaced = decode_utf8(raw)
     nbytes = len(raw) if not replaced else len(text.encode("utf-8"))
     return UnitDocs([unit["rel"]], [text], nbytes, replaced)

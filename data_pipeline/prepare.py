@@ -5,8 +5,9 @@ Steps, all writing into cfg.data.dir:
   1. list the source files (sources.py) and decide whether the directory is already done: a
      manifest with the same config hash and source fingerprint whose shards all exist -> skip;
   2. remove the old outputs (manifest first, so nothing half-removed looks finished);
-  3. plan the files into units and Ray tasks; scan them on Ray (validation, document counts, the
-     val fallback: if the hash puts no document in val, the lowest-scoring one goes there);
+  3. plan the files into units and Ray tasks; scan them (validation, document counts, the val
+     fallback: if the hash puts no document in val, the lowest-scoring one goes there): text
+     files in the driver from their first bytes, JSONL and Parquet on Ray;
   4. train the byte-level BPE on the training documents (or load data.tokenizer.path) and save
      tokenizer.json;
   5. tokenize on a Ray actor pool (tokenizer shipped once per actor) and, in the driver, pack the
@@ -162,22 +163,57 @@ def _tasks_dataset(tasks: list[list[dict]]):
 
 
 def _scan(tasks: list[list[dict]], data: DataConfig) -> tuple[int, int, str | None]:
-    """(documents, documents hashed to val, id of the lowest-scoring document); raises DataError."""
+    """(documents, documents hashed to val, id of the lowest-scoring document); raises the
+    DataError of the earliest bad unit in corpus order.
+
+    A text file is one document whose id is its path: its first bytes tell whether it is skipped
+    (empty, binary), so the driver probes text files itself. JSONL and Parquet units must be
+    parsed to know their documents: Ray tasks scan them (no Ray job when there are none).
+    """
+    from data_pipeline.documents import probe_text_unit, val_score
     from data_pipeline.stages import scan_batch
 
-    ds = _tasks_dataset(tasks).map_batches(
-        scan_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
-        fn_kwargs={"text_field": data.text_field, "val_fraction": data.val_fraction},
-    )
+    units = [u for t in tasks for u in t]
     docs = val = 0
-    lowest = None
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for res in map(json.loads, table.column("scan").to_pylist()):
+    lowest: tuple[float, str] | None = None
+    errors: list[tuple[int, str]] = []  # (unit index in corpus order, message)
+
+    def count(doc_id: str, score: float) -> None:
+        nonlocal docs, val, lowest
+        docs, val = docs + 1, val + (score < data.val_fraction)
+        if lowest is None or (score, doc_id) < lowest:
+            lowest = (score, doc_id)
+
+    for i, unit in enumerate(units):
+        if unit["fmt"] != "text":
+            continue
+        try:
+            if probe_text_unit(unit) is None:
+                count(unit["rel"], val_score(unit["rel"]))
+        except DataError as e:
+            errors.append((i, str(e)))
+            break
+    # Parsed formats: the tasks without their text units, each unit knowing its corpus index.
+    index = {id(u): i for i, u in enumerate(units)}
+    parsed = [[u for u in t if u["fmt"] != "text"] for t in tasks]
+    parsed = [t for t in parsed if t]
+    if parsed:
+        ds = _tasks_dataset(parsed).map_batches(
+            scan_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
+            fn_kwargs={"text_field": data.text_field, "val_fraction": data.val_fraction},
+        )
+        results = (json.loads(r) for table in ds.iter_batches(batch_size=None,
+                                                              batch_format="pyarrow")
+                   for r in table.column("scan").to_pylist())
+        for task, res in zip(parsed, results):
             if res["error"]:
-                raise DataError(res["error"])
+                errors.append((index[id(task[res["error_unit"]])], res["error"]))
+                break  # later tasks hold later units
             docs, val = docs + res["docs"], val + res["val"]
-            if res["min"] and (lowest is None or tuple(res["min"]) < tuple(lowest)):
-                lowest = res["min"]
+            if res["min"] and (lowest is None or tuple(res["min"]) < lowest):
+                lowest = tuple(res["min"])
+    if errors:
+        raise DataError(min(errors)[1])
     return docs, val, lowest[1] if lowest else None
 
 

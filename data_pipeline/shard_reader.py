@@ -6,10 +6,16 @@ A shard (see format.py) is a tar of `<key>.tokens.npy` members. Reading one:
   3. walks the tar with webdataset's tar iterator and groups members by key,
   4. decodes each sample's .npy into its row: row = sample index - shard.first_sample.
 
-Decoding parses the .npy header once per shard and then copies each sample's payload with
-np.frombuffer when its header bytes are identical (they are for one writer), so there is no
-per-token Python work. Every problem raises ShardError (or FileNotFoundError) naming the shard
-file, the sample key where there is one, and what to do.
+Fast path: a shard exactly as the pipeline's SplitWriter lays it out (members in key order, each
+with the expected tar header, .npy header and padding; the archive's end) is checked and
+decoded with numpy as a whole: every byte but the tokens is compared with the expected layout
+(packing.MemberLayout), then the tokens are one strided copy. Anything else -- another writer's
+tar, a damaged shard -- takes the general path below, which reports what is wrong.
+
+General path: decoding parses the .npy header once per shard and then copies each sample's
+payload with np.frombuffer when its header bytes are identical (they are for one writer), so
+there is no per-token Python work. Every problem raises ShardError (or FileNotFoundError)
+naming the shard file, the sample key where there is one, and what to do.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from numpy.lib import format as npy_format
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data_pipeline.format import TOKENS_FIELD, ShardInfo, sample_index, sample_key
+from data_pipeline.packing import MemberLayout
 
 FIX = (
     "The prepared data is damaged or out of date: re-run `pretrain prepare CONFIG --force` "
@@ -64,6 +71,9 @@ def read_shard(
                 f"{info.sha256[:16]}... ({len(data)} bytes){where}. {FIX}"
             )
     dtype = np.dtype(dtype)
+    rows = _read_uniform(data, info, split, sample_len, dtype)
+    if rows is not None:
+        return rows
     rows = np.empty((info.samples, sample_len), dtype=dtype)
     seen = np.zeros(info.samples, dtype=bool)
     header = b""  # .npy header of the last sample decoded the slow way; identical ones are fast
@@ -91,6 +101,30 @@ def read_shard(
             f"(missing {len(missing)}, e.g. {names}){where}. {FIX}"
         )
     return rows
+
+
+def _read_uniform(
+    data: bytes, info: ShardInfo, split: str, sample_len: int, dtype: np.dtype
+) -> np.ndarray | None:
+    """The rows of a shard laid out exactly as SplitWriter writes it, else None."""
+    n = info.samples
+    try:
+        layout = MemberLayout(split, sample_len, dtype)
+    except (ValueError, AssertionError):
+        return None
+    body = n * layout.size
+    if n == 0 or len(data) != body + MemberLayout.end_bytes(body):
+        return None
+    members = np.frombuffer(data, dtype=np.uint8, count=body).reshape(n, layout.size)
+    try:
+        expected = layout.headers(info.first_sample, n)
+    except ValueError:
+        return None
+    if not (np.array_equal(members[:, : layout.payload.start], expected)
+            and not members[:, layout.payload.stop :].any()
+            and not np.frombuffer(data, dtype=np.uint8, offset=body).any()):
+        return None
+    return np.ascontiguousarray(members[:, layout.payload]).view(dtype).reshape(n, sample_len)
 
 
 def _samples(data: bytes, path: Path, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:

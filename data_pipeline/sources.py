@@ -29,7 +29,9 @@ from pretrain.config import DataConfig
 JSONL_CHUNK = 8 * 2**20
 """Target bytes of one JSONL unit (cut at the next line end)."""
 _READ_BLOCK = 8 * 2**20
-_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+TASKS_PER_WORKER = 16
+"""Ray tasks planned per worker (group_units); fewer, larger tasks leave workers idle at the end."""
+_STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 """Directories of the stdlib that `stdlib` leaves out: installed packages and test suites."""
 
 
@@ -56,11 +58,12 @@ def _format_of(path: str, configured: str) -> str:
     return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
 
 
-def _walk(root: str) -> list[str]:
-    """All files under `root`, recursively, hidden files and directories left out."""
+def _walk(root: str, skip_dirs: frozenset[str] = frozenset()) -> list[str]:
+    """All files under `root`, recursively, hidden files and directories and directories named
+    in `skip_dirs` left out (never entered)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip_dirs]
         found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
     return found
 
@@ -69,8 +72,7 @@ def _expand(source: str) -> tuple[str, list[str]]:
     """(root, matching paths) of one entry of data.sources; raises DataError if none exist."""
     if source == "stdlib":
         root = sysconfig.get_paths()["stdlib"]
-        return root, [p for p in _walk(root) if p.endswith(".py")
-                      and not _STDLIB_SKIP.intersection(Path(p).relative_to(root).parts[:-1])]
+        return root, [p for p in _walk(root, _STDLIB_SKIP) if p.endswith(".py")]
     path = os.path.abspath(os.path.expanduser(source))
     if os.path.isdir(path):
         return path, _walk(path)
@@ -222,12 +224,14 @@ def plan_units(files: list[SourceFile], text_field: str) -> tuple[list[dict], li
 
 
 def group_units(units: list[dict], workers: int) -> list[list[dict]]:
-    """Consecutive units grouped into Ray tasks of similar byte size (~4 tasks per worker).
+    """Consecutive units grouped into Ray tasks of similar byte size (~16 tasks per worker).
 
     Grouping only changes parallelism, never the output: results are consumed in unit order.
+    Many tasks per worker keep every worker busy to the end (with 4, the last tasks left one of
+    two workers idle: the tokenize stage took 1.3-1.5x as long, see BENCHMARKS.md).
     """
     total = sum(u["size"] for u in units)
-    target = min(max(total // (4 * max(workers, 1)), 256 * 2**10), 64 * 2**20)
+    target = min(max(total // (TASKS_PER_WORKER * max(workers, 1)), 256 * 2**10), 64 * 2**20)
     tasks: list[list[dict]] = [[]]
     size = 0
     for u in units:

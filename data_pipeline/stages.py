@@ -1,9 +1,11 @@
 """The functions Ray Data runs on its workers, one row per task (a JSON list of units).
 
-`scan_batch` (stateless tasks) reads every unit once to validate it and count its documents and
-the ones the hash puts in val, remembering the document with the lowest split score: if val comes
-out empty, that document is moved there. Errors come back as values (the first `DataError` of the
-task) so that the driver reports the earliest bad file in corpus order with a clean message.
+`scan_batch` (stateless tasks) reads every JSONL or Parquet unit once to validate it and count
+its documents and the ones the hash puts in val, remembering the document with the lowest split
+score: if val comes out empty, that document is moved there. Errors come back as values (the
+first `DataError` of the task and its unit) so that the driver reports the earliest bad file in
+corpus order with a clean message. (A text file is one document named by its path: the driver
+decides about it from its first bytes, without this stage.)
 
 `Tokenize` (an actor per CPU) receives the tokenizer once, through the object store, when it
 starts; for each task it reads the units, splits documents by id, encodes each split's texts with
@@ -30,12 +32,12 @@ TOKENIZED_SCHEMA = pa.schema(
 def scan_batch(batch: pa.Table, text_field: str, val_fraction: float) -> pa.Table:
     results = []
     for units in batch.column("units").to_pylist():
-        res: dict = {"docs": 0, "val": 0, "min": None, "error": None}
-        for unit in json.loads(units):
+        res: dict = {"docs": 0, "val": 0, "min": None, "error": None, "error_unit": None}
+        for k, unit in enumerate(json.loads(units)):
             try:
                 docs = read_unit(unit, text_field)
             except DataError as e:
-                res["error"] = str(e)
+                res["error"], res["error_unit"] = str(e), k
                 break
             res["docs"] += len(docs.ids)
             for doc_id in docs.ids:

@@ -422,6 +422,16 @@ def _case_bad_json(tmp: Path):
         "(data.text_field)")
 
 
+def _case_bad_json_before_unreadable_text(tmp: Path):
+    # Text files are probed in the driver, JSONL parsed on Ray: still the earliest error wins.
+    (tmp / "a.jsonl").write_text("\n".join(_jsonl_lines(2) + ["not json"]) + "\n")
+    (tmp / "c").mkdir()
+    (tmp / "c" / "gone.txt").symlink_to(tmp / "c" / "deleted.txt")
+    return [tmp / "a.jsonl", tmp / "c"], (
+        f"{tmp / 'a.jsonl'}:3: not valid JSON (Expecting value, column 1); every non-blank "
+        "line must be a JSON object with the text in field 'text' (data.text_field)")
+
+
 def _case_missing_field(tmp: Path):
     lines = _jsonl_lines(2) + [json.dumps({"body": "x", "id": 3})] + _jsonl_lines(2)
     (tmp / "a.jsonl").write_text("\n".join(lines))
@@ -487,7 +497,8 @@ def _case_too_small(tmp: Path):
 
 
 BAD_INPUTS = [_case_missing, _case_broken_link, _case_empty_files, _case_empty_texts,
-              _case_empty_dir, _case_bad_json, _case_missing_field, _case_not_object,
+              _case_empty_dir, _case_bad_json, _case_bad_json_before_unreadable_text,
+              _case_missing_field, _case_not_object,
               _case_field_not_string, _case_parquet_column, _case_parquet_type, _case_not_parquet,
               _case_single_document, _case_single_document_in_val, _case_too_small]
 
@@ -608,6 +619,70 @@ def test_same_corpus_twice_gives_identical_shards(built, text_corpus, tmp_path, 
     assert m.digest() == built.manifest.digest()
 
 
+
+
+@pytest.mark.parametrize("dtype,sample_len", [("uint16", 33), ("uint32", 129)])
+def test_shards_are_byte_identical_to_webdataset_tarwriter(tmp_path, dtype, sample_len):
+    # SplitWriter lays members out with numpy; the reference is webdataset's own TarWriter
+    # (mtime 0) writing the same samples one by one. Uneven feeds cross shard boundaries.
+    import io
+
+    import webdataset as wds
+
+    from data_pipeline.format import TOKENS_FIELD, sample_key
+    from data_pipeline.packing import Packer
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 2**16 - 1, sample_len * 45 + 7).astype(dtype)
+    writer = SplitWriter(tmp_path, "val", sample_len, dtype, SHARD_BYTES)
+    packer = Packer(writer)
+    for chunk in np.array_split(tokens, 6):
+        packer.feed(chunk)
+    shards = writer.close()
+    assert len(shards) > 1 and packer.tail == 7
+    rows = tokens[: 45 * sample_len].reshape(45, sample_len)
+    for shard in shards:
+        buf = io.BytesIO()
+        ref = wds.TarWriter(buf, mtime=0)
+        for i in range(shard.first_sample, shard.first_sample + shard.samples):
+            ref.write({"__key__": sample_key("val", i), TOKENS_FIELD: rows[i]})
+        ref.close()
+        assert (tmp_path / shard.name).read_bytes() == buf.getvalue(), shard.name
+        assert shard.bytes == len(buf.getvalue()) <= SHARD_BYTES
+
+
+def test_shard_reader_fast_path_equals_general_path_and_declines_other_layouts(tmp_path,
+                                                                              monkeypatch):
+    # read_shard decodes SplitWriter's exact layout with numpy; any other byte layout must go
+    # to the general path: members out of key order decode by key, a damaged header is an error.
+    import data_pipeline.shard_reader as reader
+    from data_pipeline.packing import MemberLayout
+    from data_pipeline.shard_reader import ShardError
+
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 2**16, (40, 33)).astype("uint16")
+    writer = SplitWriter(tmp_path, "train", 33, "uint16", SHARD_BYTES)
+    writer.write(rows)
+    shard = writer.close()[1]  # samples 19.., so keys do not start at 0
+    path = tmp_path / shard.name
+    fast = read_shard(path, shard, "train", 33, "uint16")
+    assert np.array_equal(fast, rows[shard.first_sample : shard.first_sample + shard.samples])
+    with monkeypatch.context() as mp:
+        mp.setattr(reader, "_read_uniform", lambda *a: None)
+        assert np.array_equal(read_shard(path, shard, "train", 33, "uint16"), fast)
+
+    size = MemberLayout("train", 33, np.dtype("uint16")).size
+    data = bytearray(path.read_bytes())
+    swapped = data[:size * 2]
+    swapped[:size], swapped[size:] = data[size : size * 2], data[:size]  # a valid tar still
+    path.write_bytes(bytes(swapped) + data[size * 2 :])
+    assert reader._read_uniform(path.read_bytes(), shard, "train", 33, np.dtype("uint16")) is None
+    assert np.array_equal(read_shard(path, shard, "train", 33, "uint16", verify_checksum=False),
+                          fast)
+    data[size * 3 + len("train") + 9] ^= 1  # a digit of the 4th key, its checksum left as is
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"shard {re.escape(str(path))}"):
+        read_shard(path, shard, "train", 33, "uint16", verify_checksum=False)
 
 
 def test_val_fallback_moves_the_lowest_scoring_document(tmp_path):
