@@ -1,7 +1,10 @@
 """The `pretrain` command.
 
-    pretrain prepare CONFIG [key=value ...] [--force]    raw text -> tokenizer, shards, manifest
-    pretrain train   CONFIG [key=value ...] [--nproc N]  train (N local ranks through torchrun)
+    pretrain prepare  CONFIG [key=value ...] [--force]    raw text -> tokenizer, shards, manifest
+    pretrain train    CONFIG [key=value ...] [--nproc N]  train (N local ranks through torchrun)
+    pretrain export   CHECKPOINT --out DIR               checkpoint -> Hugging Face directory
+    pretrain import   HF_DIR --out RUN_DIR               Hugging Face model -> a run to continue
+    pretrain generate CHECKPOINT --prompt TEXT           sample, fill [MASK] or sentinel spans
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import shutil
 import sys
 
+from pretrain.commands import COMMANDS
 from pretrain.config_io import ConfigError, load_config
 
 
@@ -31,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t)
     t.add_argument("--nproc", type=int, default=None,
                    help="start this many local ranks with torchrun (default: this process only)")
+    for command in COMMANDS.values():
+        command.add_parser(sub)
     return parser
 
 
@@ -74,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.sources import DataError
 
     try:
-        return {"prepare": cmd_prepare, "train": cmd_train}[args.command](args)
+        run = {"prepare": cmd_prepare, "train": cmd_train,
+               **{name: command.run for name, command in COMMANDS.items()}}
+        return run[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
