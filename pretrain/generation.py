@@ -89,14 +89,15 @@ def generate_gpt(model, prompt: list[int], *, max_new_tokens: int, eos_id: int |
 @torch.no_grad()
 def generate_t5(model, inputs: list[int], *, max_new_tokens: int, start_id: int, eos_id: int,
                 sampling: Sampling) -> list[int]:
-    """Decoder output for encoder `inputs` (without the start token; stops at EOS)."""
+    """Decoder output for encoder `inputs`, without the start token and the final EOS."""
     enc = model.encode(torch.tensor([inputs]))
     dec = [start_id]
     for _ in range(max_new_tokens):
         logits = model.decode(torch.tensor([dec]), enc)[:, -1]
-        dec.append(int(sampling(logits)))
-        if dec[-1] == eos_id:
+        nxt = int(sampling(logits))
+        if nxt == eos_id:
             break
+        dec.append(nxt)
     return dec[1:]
 
 

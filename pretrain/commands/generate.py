@@ -66,7 +66,7 @@ def _run_family(saved, tok, args, sampling, gen) -> str:
         filled, candidates = gen.fill_masks(model, ids, mask_id=mask, sampling=sampling)
         lines = [decode(filled[1:-1])]
         for k, cands in enumerate(candidates):
-            shown = ", ".join(f"{tok.id_to_token(i)!r} {p:.2f}" for i, p in cands)
+            shown = ", ".join(f"{decode([i])!r} {p:.2f}" for i, p in cands)
             lines.append(f"  [MASK] {k}: {shown}")
         return "\n".join(lines)
     sentinels = []  # <extra_id_0>, <extra_id_1>, ... in order
