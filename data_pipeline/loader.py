@@ -15,10 +15,11 @@ The stream and its split over ranks (see order.py for which sample sits at a pos
     load_state_dict() makes the next iter() start there.
 
 Batches are dicts: input_ids [M, sample_len] int64 token ids; positions [M] int64 global
-positions; sample_ids [M] int64 indices of the samples within the split (key = sample_key(split, id));
-epochs [M] int64 the epoch of each position. With a `transform` (the model family's objective,
-data_pipeline/objectives), batches also carry inputs = transform(batch): the model's keyword
-arguments, computed in the worker that built the batch, from nothing but the batch itself.
+positions; sample_ids [M] int64 indices of the samples within the split (key =
+sample_key(split, id)); epochs [M] int64 the epoch of each position. With a `transform` (the
+model family's objective, data_pipeline/objectives), batches also carry inputs =
+transform(batch): the model's keyword arguments, computed in the worker that built the batch,
+from nothing but the batch itself.
 """
 
 from __future__ import annotations

@@ -183,8 +183,9 @@ class Trainer:
             )
         state = self.ckpt.read_train_state(latest)
         problems = diff_dicts(state["model"], resolved_dict(self.cfg)["model"], "model.")
-        problems += diff_dicts(state.get("objective", {}), resolved_dict(self.cfg)["objective"],
-                               "objective.")
+        if "objective" in state:  # checkpoints from before objectives had none
+            problems += diff_dicts(state["objective"], resolved_dict(self.cfg)["objective"],
+                                   "objective.")
         if state["vocab_size"] != self.vocab_size:
             problems.append(f"vocab_size: checkpoint has {state['vocab_size']}, "
                             f"config and data give {self.vocab_size}")

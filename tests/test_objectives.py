@@ -231,7 +231,8 @@ def test_resumed_loader_gives_the_same_inputs(config, tmp_path):
             assert torch.equal(got["inputs"][k], v), k
     it.close()
     # the same sample in the next epoch gets other inputs (position p and p + 33)
-    assert batches[0]["epochs"].tolist() == [0] * 4 and batches[8]["epochs"].tolist() == [0, 1, 1, 1]
+    assert batches[0]["epochs"].tolist() == [0] * 4
+    assert batches[8]["epochs"].tolist() == [0, 1, 1, 1]
 
 
 # ---- the tokenizer must carry the family's tokens ------------------------------------------------

@@ -109,7 +109,7 @@ class MaskedLM:
         out = tokens.copy()
         u = rng.random(k)
         to_mask = u < self.mask_token_prob
-        to_random = (u >= self.mask_token_prob) & (u < self.mask_token_prob + self.random_token_prob)
+        to_random = (~to_mask) & (u < self.mask_token_prob + self.random_token_prob)
         out[chosen[to_mask]] = self.mask_id
         out[chosen[to_random]] = self._normal_ids[rng.integers(0, len(self._normal_ids),
                                                                int(to_random.sum()))]

@@ -103,7 +103,8 @@ class SpanCorruption:
     sentinel_ids: tuple[int, ...]
     """<extra_id_0>, <extra_id_1>, ...: at least lengths.noise_spans of them."""
 
-    def corrupt(self, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def corrupt(self, tokens: np.ndarray,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, labels) of one sample, EOS-terminated."""
         noise = random_spans_noise_mask(self.lengths, rng)
         sentinels = np.asarray(self.sentinel_ids, dtype=np.int64)

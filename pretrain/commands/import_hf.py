@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         save_weights_file(model, out / "init" / "model.safetensors")
     shutil.copyfile(tokenizer_file, out / "init" / "tokenizer.json")
-    base = Path(args.config) if args.config else ROOT / "configs" / f"{model_cfg.family}-default.yaml"
+    base = (Path(args.config) if args.config
+            else ROOT / "configs" / f"{model_cfg.family}-default.yaml")
     run_config = {
         "defaults": [str(base.resolve())],
         "run": {"dir": str(out)},

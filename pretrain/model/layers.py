@@ -112,7 +112,8 @@ class RelativePositionBias(nn.Module):
             distance = (-relative_TS).clamp(min=0)  # only keys before the query count
         exact = n // 2
         # log-spaced buckets for exact <= distance < max_distance, the last one beyond
-        log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+        log_ratio = (torch.log(distance.float().clamp(min=1) / exact)
+                     / math.log(self.max_distance / exact))
         far = (exact + (log_ratio * (n - exact)).long()).clamp(max=n - 1)
         return buckets + torch.where(distance < exact, distance, far)
 
