@@ -115,7 +115,7 @@ def test_family_trains_resumes_exports_and_generates(config, bert_t5_data, tmp_p
 
 
 @pytest.mark.parametrize("stage", [0, 3])
-def test_gpt_export_from_zero_stage(stage, tiny_data, tmp_path):
+def test_gpt_export_from_zero_stage(stage, tiny_data, tmp_path, capsys):
     """ZeRO-3 shards the parameters themselves over the ranks; ZeRO-0 keeps one model file."""
     run = tmp_path / "run"
     extra = ["train.max_steps=3", "train.eval_interval=0", f"parallel.zero_stage={stage}",
@@ -131,6 +131,10 @@ def test_gpt_export_from_zero_stage(stage, tiny_data, tmp_path):
     theirs = hf_val_loss(out, TINY_CONFIG, tiny_data, overrides(tiny_data, run, *extra),
                          world=2 if stage else 1)
     assert theirs == pytest.approx(final["val_loss"], rel=1e-5)
+    capsys.readouterr()
+    assert cli_main(["generate", str(run), "--prompt", "def main(", "--max-new-tokens", "8",
+                     "--top-k", "20", "--top-p", "0.9", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.startswith("def main(")
 
 
 def test_import_continues_a_hugging_face_model(bert_t5_data, tmp_path):
