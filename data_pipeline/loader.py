@@ -15,7 +15,11 @@ The stream and its split over ranks (see order.py for which sample sits at a pos
     load_state_dict() makes the next iter() start there.
 
 Batches are dicts: input_ids [M, sample_len] int64 token ids; positions [M] int64 global
-positions; sample_ids [M] int64 indices of the samples within the split (key = sample_key(split, id)).
+positions; sample_ids [M] int64 indices of the samples within the split (key =
+sample_key(split, id)); epochs [M] int64 the epoch of each position. With a `transform` (the
+model family's objective, data_pipeline/objectives), batches also carry inputs =
+transform(batch): the model's keyword arguments, computed in the worker that built the batch,
+from nothing but the batch itself.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -58,8 +62,10 @@ class _BatchStream(IterableDataset):
         seed: int,
         shuffle: bool,
         verify_checksums: bool,
+        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.data_dir, self.split = data_dir, split
+        self.transform = transform
         self.shards: list[ShardInfo] = manifest.splits[split].shards
         self.sample_len, self.dtype = manifest.sample_len, manifest.dtype
         self.start, self.stop, self.num_batches = start, stop, num_batches
@@ -86,6 +92,7 @@ class _BatchStream(IterableDataset):
         hi = lo + self.m if self.stop is None else min(lo + self.m, self.stop)
         input_ids = np.empty((hi - lo, self.sample_len), dtype=np.int64)  # [m, L]
         sample_ids = np.empty(hi - lo, dtype=np.int64)  # [m]
+        epochs = np.empty(hi - lo, dtype=np.int64)  # [m]
         for run in order.runs(lo, hi):
             if run.shard not in cache:
                 cache.clear()  # keep one decoded shard: positions only move forward
@@ -98,11 +105,16 @@ class _BatchStream(IterableDataset):
             k = run.start - lo
             input_ids[k : k + len(run.rows)] = cache[run.shard][run.rows]  # widen to int64
             sample_ids[k : k + len(run.rows)] = self.shards[run.shard].first_sample + run.rows
-        return {
+            epochs[k : k + len(run.rows)] = run.epoch
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
             "positions": torch.arange(lo, hi, dtype=torch.long),
             "sample_ids": torch.from_numpy(sample_ids),
+            "epochs": torch.from_numpy(epochs),
         }
+        if self.transform is not None:
+            batch["inputs"] = self.transform(batch)
+        return batch
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -148,13 +160,17 @@ def _iterate(
                     f"data loader batch {j} starts at position {got}, expected {expected}: the "
                     f"DataLoader did not return worker batches round-robin ({num_workers} workers)"
                 )
-            yield j, ({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
+            yield j, (_pin(batch) if pin else batch)
     finally:
         # Stop the workers now (on close, error or end). Left to the garbage collector, an
         # iterator caught in an exception's traceback cycle takes 5 s per worker to shut down.
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+def _pin(batch: dict) -> dict:
+    return {k: _pin(v) if isinstance(v, dict) else v.pin_memory() for k, v in batch.items()}
 
 
 def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int) -> None:
@@ -200,9 +216,13 @@ class ShardedLoader:
         verify_checksums: bool = True,
         audit_dir: str | os.PathLike | None = None,
         manifest: Manifest | None = None,
+        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
+        """transform: maps a batch to the model's inputs (batch["inputs"]); it must be a pure,
+        picklable function of the batch so that a resumed stream gives the same inputs."""
         _check_layout(micro_batch_size, dp_rank, dp_size, num_workers)
         self.data_dir = Path(data_dir)
+        self.transform = transform
         self.manifest = manifest if manifest is not None else Manifest.load(self.data_dir)
         self.split = split
         self.samples_per_epoch = _split_of(self.manifest, self.data_dir, split)
@@ -244,6 +264,7 @@ class ShardedLoader:
             start=start, stop=None, num_batches=None,
             micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
             seed=self.seed, shuffle=self.shuffle, verify_checksums=self.verify_checksums,
+            transform=self.transform,
         )  # fmt: skip
         for j, batch in _iterate(stream, self.num_workers, self.prefetch_factor, self.pin_memory):
             if generation == self._generation:
@@ -307,6 +328,7 @@ def iter_eval(
     pin_memory: bool = False,
     verify_checksums: bool = True,
     manifest: Manifest | None = None,
+    transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One unshuffled pass over this rank's disjoint slice of `split`.
 
@@ -322,7 +344,7 @@ def iter_eval(
         data_dir, split, manifest,
         start=0, stop=samples, num_batches=max_batches,
         micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-        seed=0, shuffle=False, verify_checksums=verify_checksums,
+        seed=0, shuffle=False, verify_checksums=verify_checksums, transform=transform,
     )  # fmt: skip
     for _, batch in _iterate(stream, num_workers, prefetch_factor, pin_memory):
         yield batch

@@ -4,7 +4,9 @@ The trained tokenizer is a byte-level BPE (GPT-2 style): the ByteLevel pre-token
 byte to one of 256 visible characters, so with all 256 in the initial alphabet any text encodes
 without unknown tokens, and the ByteLevel decoder maps them back: decode(encode(text)) == text.
 No normalizer, `add_prefix_space=False` (no space is invented before the first word), and the
-special tokens take ids 0..k-1 in the configured order.
+special tokens take ids 0..k-1 in the configured order, followed by the T5 sentinels
+<extra_id_0>, <extra_id_1>, ... that data.tokenizer.sentinel_tokens asks for. Each model family
+finds the tokens it needs by name in the manifest (data_pipeline/objectives).
 
 `encode_special_tokens = True` (not stored in tokenizer.json; `for_encoding` sets it) makes a
 literal "<|endoftext|>" inside a document encode as ordinary text, so only the EOS the pipeline
@@ -42,7 +44,7 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=tcfg.vocab_size,
         min_frequency=tcfg.min_frequency,
-        special_tokens=list(tcfg.special_tokens),
+        special_tokens=tcfg.all_special_tokens(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=progress,
     )
@@ -83,7 +85,8 @@ def token_dtype(tok: Tokenizer) -> str:
 
 def tokenizer_info(tok: Tokenizer, tcfg: TokenizerConfig, sha256: str) -> TokenizerInfo:
     added = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    special = {t: tok.token_to_id(t) for t in tcfg.special_tokens if tok.token_to_id(t) is not None}
+    special = {t: tok.token_to_id(t) for t in tcfg.all_special_tokens()
+               if tok.token_to_id(t) is not None}
     special = {**added, **special}
     pad = next((i for t, i in special.items() if "pad" in t.lower()), None)
     return TokenizerInfo(

@@ -18,6 +18,8 @@ the marker are removed before the next save.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -163,3 +165,31 @@ def diff_dicts(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{name}: checkpoint has {a!r}, config has {b!r}")
     return out
+
+
+_WRAPPED_BLOCK = re.compile(r"(^|\.)h\.(\d+)\.block\.")
+
+
+def consolidated_state_dict(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The whole model's weights in fp32 from a checkpoint of any ZeRO stage, on CPU.
+
+    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer shards: DeepSpeed's
+    zero_to_fp32 merges them (whatever the number of ranks that wrote them). Without ZeRO the
+    model states file holds the module as is. Names are the model's own: the wrapper that
+    activation checkpointing puts around blocks (h.N.block.) is removed.
+    """
+    step_dir = Path(step_dir)
+    if any(step_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints what it detected
+            state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent),
+                                                             tag=step_dir.name)
+    else:
+        path = step_dir / "mp_rank_00_model_states.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{step_dir} holds no DeepSpeed model states ({path.name})")
+        # DeepSpeed's file also pickles its config and version objects: not weights_only
+        state = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    return {_WRAPPED_BLOCK.sub(r"\1h.\2.", k): v.float() if v.is_floating_point() else v
+            for k, v in state.items()}

@@ -1,9 +1,12 @@
 """The `pretrain` command.
 
-    pretrain prepare CONFIG [key=value ...] [--force]    raw text -> tokenizer, shards, manifest
-    pretrain train   CONFIG [key=value ...] [--nproc N]  train (N local ranks through torchrun)
-    pretrain submit  train|prepare CONFIG [key=value ...] --nodes N [...]   Slurm job
+    pretrain prepare  CONFIG [key=value ...] [--force]    raw text -> tokenizer, shards, manifest
+    pretrain train    CONFIG [key=value ...] [--nproc N]  train (N local ranks through torchrun)
+    pretrain submit   train|prepare CONFIG [key=value ...] --nodes N [...]   Slurm job
     pretrain accelerate-config CONFIG --nproc-per-node P [...]   config for `accelerate launch`
+    pretrain export   CHECKPOINT --out DIR               checkpoint -> Hugging Face directory
+    pretrain import   HF_DIR --out RUN_DIR               Hugging Face model -> a run to continue
+    pretrain generate CHECKPOINT --prompt TEXT           sample, fill [MASK] or sentinel spans
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import shutil
 import sys
 
 from pretrain import cli_launch
+from pretrain.commands import COMMANDS
 from pretrain.config_io import ConfigError, load_config
 
 
@@ -35,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=None,
                    help="start this many local ranks with torchrun (default: this process only)")
     cli_launch.add_parsers(sub)
+    for command in COMMANDS.values():
+        command.add_parser(sub)
     return parser
 
 
@@ -88,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.sources import DataError
     from launch.env import LaunchEnvError
 
-    commands = {"prepare": cmd_prepare, "train": cmd_train, **cli_launch.COMMANDS}
+    commands = {"prepare": cmd_prepare, "train": cmd_train, **cli_launch.COMMANDS,
+                **{name: command.run for name, command in COMMANDS.items()}}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, LaunchEnvError, *cli_launch.ERRORS) as e:

@@ -45,10 +45,16 @@ class AttentionConfig(Section):
 
 
 class ModelConfig(Section):
-    family: Literal["gpt"] = "gpt"
-    """Model family. `gpt`: decoder-only causal language model."""
+    family: Literal["gpt", "bert", "t5"] = "gpt"
+    """Model family; it also picks the objective. `gpt`: decoder-only causal LM (next-token
+    prediction). `bert`: encoder with a masked-LM head (dynamic masking) and, with
+    sentence_head, a pooler and a sentence-pair head. `t5`: encoder-decoder trained on span
+    corruption; the original Transformer (Vaswani et al.) is a preset of it
+    (configs/models/transformer-base.yaml)."""
     n_layer: int = Field(4, ge=1)
-    """Number of transformer blocks."""
+    """Number of transformer blocks (of the encoder, for t5)."""
+    n_decoder_layer: int | None = Field(None, ge=1)
+    """t5 only: blocks of the decoder (default n_layer)."""
     n_head: int = Field(4, ge=1)
     """Attention heads per block; must divide d_model."""
     d_model: int = Field(256, ge=8)
@@ -63,21 +69,70 @@ class ModelConfig(Section):
     Set explicitly only to reserve room; it must be at least the tokenizer's size."""
     pad_vocab_multiple: int = Field(64, ge=1)
     """Round the tokenizer's vocabulary up to a multiple of this for faster matmuls."""
-    positions: Literal["learned", "sinusoidal"] = "learned"
-    """Absolute position encoding added to the token embeddings."""
+    positions: Literal["learned", "sinusoidal", "relative"] = "learned"
+    """Position information. `learned` and `sinusoidal`: absolute encodings added to the token
+    embeddings. `relative` (t5 only): T5's bucketed relative position bias added to the
+    attention scores, one table per stack shared by its blocks."""
+    relative_buckets: int = Field(32, ge=2)
+    """positions=relative: number of relative-position buckets (half exact, half log-spaced)."""
+    relative_max_distance: int = Field(128, ge=2)
+    """positions=relative: distances at or beyond this share the last bucket."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalization layer: LayerNorm (GPT-2, BERT) or RMSNorm (T5's scale-only norm)."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """`pre`: x + f(norm(x)), with a final norm after the last block (GPT-2, T5). `post`:
+    norm(x + f(x)), as in the original Transformer and BERT."""
+    activation: Literal["gelu_tanh", "gelu", "relu"] = "gelu_tanh"
+    """Feed-forward activation: `gelu_tanh` (GPT-2's tanh approximation, HF "gelu_new"),
+    `gelu` (exact, BERT), `relu` (original Transformer and T5)."""
+    gated_ffn: bool = False
+    """Gated feed-forward, c_proj(act(c_gate(x)) * c_fc(x)): gated-GELU with
+    activation=gelu_tanh, as in T5 v1.1."""
+    scale_attn_scores: bool = True
+    """Divide attention scores by sqrt(head_dim). T5 does not (its init absorbs the factor)."""
+    type_vocab_size: int = Field(2, ge=0)
+    """bert only: rows of the token-type (segment) embedding; 0 leaves it out."""
+    sentence_head: Literal["none", "nsp", "sop"] = "none"
+    """bert only: a pooler and a 2-way head on [CLS] trained on sentence pairs. `nsp`: is
+    segment B the continuation of A or from elsewhere (BERT). `sop`: are A and B in order or
+    swapped (ALBERT). `none`: masked LM only, one segment per sequence (RoBERTa)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on embeddings and residual branches."""
     bias: bool = True
-    """Biases in linear layers and LayerNorms (GPT-2 has them)."""
+    """Biases in linear layers and LayerNorms (GPT-2 and BERT have them, T5 not)."""
     tie_embeddings: bool = True
-    """Share the token embedding matrix with the output head."""
+    """Share the token embedding matrix with the output head (t5: the decoder output is then
+    scaled by d_model^-0.5 first, as in T5)."""
     init_std: float = Field(0.02, gt=0.0)
-    """Standard deviation of the normal init; residual output projections are scaled by
-    1/sqrt(2 * n_layer) as in GPT-2."""
+    """gpt and bert: standard deviation of the normal init (gpt also scales residual output
+    projections by 1/sqrt(2 * n_layer), as GPT-2). t5 uses T5's fan-in init instead."""
     norm_eps: float = Field(1e-5, gt=0.0)
-    """Epsilon of the LayerNorms."""
+    """Epsilon of the norms."""
     attention: AttentionConfig = AttentionConfig()
     """Attention kernel and its settings."""
+
+    @property
+    def ffn_width(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layer if self.n_decoder_layer is not None else self.n_layer
+
+
+class ObjectiveConfig(Section):
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0)
+    """bert: fraction of the text tokens of each sequence chosen for prediction (rounded, at
+    least one)."""
+    mask_token_prob: float = Field(0.8, ge=0.0, le=1.0)
+    """bert: of the chosen tokens, the fraction replaced by [MASK]."""
+    random_token_prob: float = Field(0.1, ge=0.0, le=1.0)
+    """bert: of the chosen tokens, the fraction replaced by a random non-special token; the
+    rest stay unchanged."""
+    noise_density: float = Field(0.15, gt=0.0, lt=1.0)
+    """t5: fraction of each sample's tokens that span corruption removes into the targets."""
+    mean_span_length: float = Field(3.0, ge=1.0)
+    """t5: mean length of the corrupted spans."""
 
 
 class TokenizerConfig(Section):
@@ -96,6 +151,26 @@ class TokenizerConfig(Section):
     train_max_bytes: int = Field(200_000_000, ge=1)
     """Train the tokenizer on at most this many bytes of training documents (in document
     order)."""
+    sentinel_tokens: int = Field(0, ge=0)
+    """Add this many T5 sentinel tokens <extra_id_0>, <extra_id_1>, ... after special_tokens
+    (t5 needs one per corrupted span of a sample)."""
+
+    def all_special_tokens(self) -> list[str]:
+        """special_tokens followed by the sentinels, in id order."""
+        return [*self.special_tokens, *sentinel_names(self.sentinel_tokens)]
+
+
+def sentinel_names(n: int) -> list[str]:
+    return [f"<extra_id_{i}>" for i in range(n)]
+
+
+FAMILY_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
+    "gpt": (),
+    "bert": ("[CLS]", "[SEP]", "[MASK]"),
+    "t5": (),
+}
+"""Special tokens each family's objective needs by name, besides a padding token (a special
+token whose name contains "pad") for bert and t5 and, for t5, sentinels <extra_id_N>."""
 
 
 class DataConfig(Section):
@@ -211,6 +286,10 @@ class CheckpointConfig(Section):
     one. `never`: refuse to start if the run directory already holds checkpoints."""
     save_final: bool = True
     """Save a checkpoint when training ends."""
+    init_from: str | None = None
+    """Weights to start from when the run has no checkpoint yet: a model.safetensors written
+    by `pretrain import` (continued pretraining of a Hugging Face model). Its shapes must match
+    the model config."""
 
 
 class LoggingConfig(Section):
@@ -230,6 +309,8 @@ class Config(Section):
     """Run directory, name and seed."""
     model: ModelConfig = ModelConfig()
     """Model family, size and architecture choices."""
+    objective: ObjectiveConfig = ObjectiveConfig()
+    """Settings of the pretraining objectives applied at load time (masking, span corruption)."""
     data: DataConfig = DataConfig()
     """Corpus, tokenizer, shards (`pretrain prepare`) and the training loader."""
     parallel: ParallelConfig = ParallelConfig()
@@ -276,6 +357,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> list[tuple[st
         )
     if p.offload_optimizer and p.zero_stage == 0:
         problems.append(("parallel.offload_optimizer", "needs parallel.zero_stage 1, 2 or 3"))
+    problems += _family_problems(cfg)
     if d.tokenizer.path is None and d.tokenizer.eos_token not in d.tokenizer.special_tokens:
         problems.append(
             ("data.tokenizer.eos_token",
@@ -299,6 +381,51 @@ def validate_config(cfg: Config, world_size: int | None = None) -> list[tuple[st
                  f"grad_accum_steps {t.grad_accum_steps} x data-parallel size {dp} = {product}; "
                  "change one of them or leave global_batch_size unset")
             )
+    return problems
+
+
+def _family_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Settings that only some families have, and the special tokens each family needs."""
+    problems: list[tuple[str, str]] = []
+    m, d, obj = cfg.model, cfg.data, cfg.objective
+    if m.positions == "relative" and m.family != "t5":
+        problems.append(("model.positions", f"'relative' is implemented for t5 only, not "
+                         f"model.family={m.family!r}; use 'learned' or 'sinusoidal'"))
+    if m.sentence_head != "none" and m.family != "bert":
+        problems.append(("model.sentence_head", f"is a bert head; model.family={m.family!r} "
+                         "has none (set it to 'none')"))
+    if m.sentence_head != "none" and m.type_vocab_size < 2:
+        problems.append(("model.type_vocab_size", f"sentence pairs need 2 token types, got "
+                         f"{m.type_vocab_size} with model.sentence_head={m.sentence_head!r}"))
+    if m.n_decoder_layer is not None and m.family != "t5":
+        problems.append(("model.n_decoder_layer", f"only t5 has a decoder stack, not "
+                         f"model.family={m.family!r} (leave it unset)"))
+    if obj.mask_token_prob + obj.random_token_prob > 1.0:
+        problems.append(("objective.random_token_prob",
+                         f"mask_token_prob {obj.mask_token_prob} + random_token_prob "
+                         f"{obj.random_token_prob} exceed 1"))
+    if m.family == "bert" and d.seq_len < 5:
+        problems.append(("data.seq_len", f"bert needs at least 5 ([CLS] A [SEP] B [SEP]), "
+                         f"got {d.seq_len}"))
+    tok = d.tokenizer
+    if tok.path is not None or m.family == "gpt":
+        return problems  # a loaded tokenizer is checked against its manifest when training
+    have = tok.all_special_tokens()
+    missing = [t for t in FAMILY_SPECIAL_TOKENS[m.family] if t not in have]
+    if not any("pad" in t.lower() for t in have):
+        missing.append("a padding token (e.g. [PAD] or <pad>)")
+    if missing:
+        problems.append(("data.tokenizer.special_tokens",
+                         f"model.family={m.family} needs {', '.join(missing)}; got {have}"))
+    if m.family == "t5":
+        from data_pipeline.objectives.span_corruption import span_corruption_lengths
+
+        spans = span_corruption_lengths(d.seq_len + 1, obj.noise_density,
+                                        obj.mean_span_length).noise_spans
+        if tok.sentinel_tokens < spans:
+            problems.append(("data.tokenizer.sentinel_tokens",
+                             f"span corruption of data.seq_len + 1 = {d.seq_len + 1} tokens makes "
+                             f"{spans} spans, each needing a sentinel; got {tok.sentinel_tokens}"))
     return problems
 
 

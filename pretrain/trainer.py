@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from data_pipeline.format import Manifest
 from data_pipeline.loader import ShardedLoader, iter_eval
+from data_pipeline.objectives import SpecialTokenError, build_objective
 from launch.env import DistEnv
 from pretrain.checkpoint import CheckpointManager, diff_dicts
 from pretrain.config import Config, data_parallel_size, global_batch_size
@@ -28,6 +29,7 @@ from pretrain.parallel.activation_checkpoint import apply_activation_checkpointi
 from pretrain.parallel.deepspeed import (
     build_ds_config, build_optimizer, init_distributed, init_engine, resolve_precision,
 )
+from pretrain.saved_model import SavedModelError, load_weights_file
 from pretrain.schedule import lr_factor_fn
 from pretrain.stop import StopRequest, signal_name
 
@@ -108,9 +110,18 @@ class Trainer:
                 "or set data.seq_len to match"
             )
         self.vocab_size = resolve_vocab_size(cfg, self.manifest)
+        try:  # the family's objective turns samples into model inputs (in the loader workers)
+            self.objective = build_objective(cfg, self.manifest.tokenizer, cfg.data.dir)
+        except SpecialTokenError as e:
+            raise SetupError(str(e)) from None
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, self.vocab_size)
+        if cfg.checkpoint.init_from:  # a resume below overwrites these
+            try:
+                load_weights_file(model, cfg.checkpoint.init_from)
+            except SavedModelError as e:
+                raise SetupError(str(e)) from None
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
@@ -130,6 +141,7 @@ class Trainer:
             shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
             verify_checksums=cfg.data.verify_checksums,
             audit_dir=self.run_dir / "audit" if cfg.data.audit else None,
+            transform=self.objective,
         )
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank,
                                       env.world_size)
@@ -155,6 +167,8 @@ class Trainer:
             "model": resolved_dict(self.cfg)["model"],
             "vocab_size": self.vocab_size,
             "data_digest": self.manifest.digest(),
+            "tokenizer_sha256": self.manifest.tokenizer.sha256,
+            "objective": resolved_dict(self.cfg)["objective"],
             "world_size": self.env.world_size,
             "zero_stage": self.cfg.parallel.zero_stage,
         }
@@ -171,6 +185,9 @@ class Trainer:
             )
         state = self.ckpt.read_train_state(latest)
         problems = diff_dicts(state["model"], resolved_dict(self.cfg)["model"], "model.")
+        if "objective" in state:  # checkpoints from before objectives had none
+            problems += diff_dicts(state["objective"], resolved_dict(self.cfg)["objective"],
+                                   "objective.")
         if state["vocab_size"] != self.vocab_size:
             problems.append(f"vocab_size: checkpoint has {state['vocab_size']}, "
                             f"config and data give {self.vocab_size}")
@@ -193,9 +210,14 @@ class Trainer:
         self.ckpt.save(self.engine, self.step, self.train_state(), resolved_yaml(self.cfg))
 
     # ---- evaluation ------------------------------------------------------------------------
+    def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments of a loader batch, on the device."""
+        return {k: v.to(self.device) for k, v in batch["inputs"].items()}
+
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean next-token loss over the validation split (or train.eval_batches per rank)."""
+    def evaluate(self) -> dict[str, float] | None:
+        """The family's loss (val_loss) and metrics (val_<name>) over the validation split (or
+        train.eval_batches per rank), weighted by the targets each batch predicts."""
         val = self.manifest.splits.get("val")
         if val is None or val.samples == 0:
             return None
@@ -205,32 +227,38 @@ class Trainer:
             n_batches = min(n_batches, self.cfg.train.eval_batches)
         batches = iter_eval(self.cfg.data.dir, "val", micro_batch_size=m, dp_rank=self.dp_rank,
                             dp_size=self.dp_size, max_batches=n_batches,
-                            verify_checksums=self.cfg.data.verify_checksums)
+                            verify_checksums=self.cfg.data.verify_checksums,
+                            transform=self.objective)
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss sum, tokens]
+        sums: dict[str, torch.Tensor] = {}  # loss and metrics, each summed x targets
+        count = torch.zeros((), dtype=torch.float64, device=self.device)  # targets
         for _ in range(n_batches):
             # Every rank runs the same number of forwards (ZeRO-3 gathers parameters
             # collectively); a rank whose slice ran out evaluates a dummy batch with weight 0.
             batch = next(batches, None)
-            if batch is not None:
-                ids = batch["input_ids"]
-            else:
-                ids = torch.zeros(1, self.manifest.sample_len, dtype=torch.long)
-            ids = ids.to(self.device)
-            out = self.engine(ids[:, :-1], ids[:, 1:])
-            if batch is not None:
-                n = ids[:, 1:].numel()
-                total += torch.stack([out.loss.double() * n, torch.tensor(n, device=self.device,
-                                                                         dtype=torch.float64)])
+            weight = 1.0 if batch is not None else 0.0
+            if batch is None:
+                batch = {"input_ids": torch.zeros(1, self.manifest.sample_len, dtype=torch.long),
+                         "epochs": torch.zeros(1, dtype=torch.long),
+                         "sample_ids": torch.zeros(1, dtype=torch.long)}
+                batch["inputs"] = self.objective(batch)
+            out = self.engine(**self._inputs(batch))
+            n = out.n_targets.double() * weight
+            for name, value in {"loss": out.loss, **out.metrics}.items():
+                sums[name] = sums.get(name, 0) + value.detach().double() * n
+            count += n
         self.engine.train()
+        names = sorted(sums)
+        total = torch.stack([*(sums[k] for k in names), count]).to(self.device)
         dist.all_reduce(total)
-        return (total[0] / total[1]).item()
+        return {f"val_{k}": v for k, v in zip(names, (total[:-1] / total[-1]).tolist())}
 
     # ---- training --------------------------------------------------------------------------
-    def _mean_over_dp(self, x: torch.Tensor) -> float:
-        x = x.detach().to(torch.float64)
-        dist.all_reduce(x)
-        return x.item() / self.env.world_size
+    def _mean_over_dp(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = sorted(values)
+        x = torch.stack([values[k].detach().to(torch.float64) for k in names]).to(self.device)
+        dist.all_reduce(x)  # on the device: NCCL reduces CUDA tensors only
+        return dict(zip(names, (x / self.env.world_size).tolist()))
 
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -252,26 +280,27 @@ class Trainer:
         last_val = None
         stopped_by = None
         while self.step < t.max_steps:
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            sums: dict[str, torch.Tensor] = {}  # loss and the family's metrics
             for micro in range(t.grad_accum_steps):
-                ids = next(batches)["input_ids"].to(self.device)
-                out = self.engine(ids[:, :-1], ids[:, 1:])
+                out = self.engine(**self._inputs(next(batches)))
                 self.engine.backward(out.loss)
                 if micro == t.grad_accum_steps - 1 and self._engine_skips_grad_norm:
                     self._grad_norm = self._reduced_grad_norm()
                 self.engine.step()
-                loss_sum += out.loss.detach().double().cpu()
+                for name, value in {"loss": out.loss, **out.metrics}.items():
+                    sums[name] = sums.get(name, 0) + value.detach().double().cpu()
             self.step += 1
             self.samples_seen += self.global_batch
             window_steps += 1
-            loss = self._mean_over_dp(loss_sum / t.grad_accum_steps)
+            means = self._mean_over_dp({k: v / t.grad_accum_steps for k, v in sums.items()})
+            loss = means.pop("loss")
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{loss:.4f}")
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
                 self._log_train(loss, tokens_per_step * window_steps / elapsed,
-                                elapsed / window_steps)
+                                elapsed / window_steps, means)
                 window_start, window_steps = time.perf_counter(), 0
             last_val = None
             if t.eval_interval and self.step % t.eval_interval == 0:
@@ -316,7 +345,8 @@ class Trainer:
                  if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
-    def _log_train(self, loss: float, tokens_per_sec: float, step_time: float) -> None:
+    def _log_train(self, loss: float, tokens_per_sec: float, step_time: float,
+                   metrics: dict[str, float]) -> None:
         grad_norm = (self._grad_norm if self._engine_skips_grad_norm
                      else self.engine.get_global_grad_norm())
         record = {
@@ -327,17 +357,20 @@ class Trainer:
             "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
             "epoch": self.loader.epoch,
             "restart_count": self.env.restart_count,
+            **metrics,
         }
         if self.peak_tflops:
             achieved = self.flops_per_token * tokens_per_sec / self.env.world_size
             record["mfu"] = achieved / (self.peak_tflops * 1e12)
         self.metrics.log(record)
 
-    def _log_eval(self, val_loss: float | None) -> float | None:
-        if val_loss is not None:
-            self.metrics.log({"step": self.step, "val_loss": val_loss,
-                              "val_ppl": math.exp(min(val_loss, 50.0))})
-        return val_loss
+    def _log_eval(self, val: dict[str, float] | None) -> float | None:
+        """Log an evaluation; returns its val_loss."""
+        if val is None:
+            return None
+        self.metrics.log({"step": self.step, **val,
+                          "val_ppl": math.exp(min(val["val_loss"], 50.0))})
+        return val["val_loss"]
 
     def _first_val_loss(self) -> float | None:
         if self.step == 0:

@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "gpt-tiny.yaml"
+BERT_TINY = ROOT / "configs" / "bert-tiny.yaml"
+T5_TINY = ROOT / "configs" / "t5-tiny.yaml"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # About 1 MB of real Python source: enough for a 512-token BPE and a few hundred samples.
 TINY_SOURCES = [str(STDLIB / "json"), str(STDLIB / "email"), str(STDLIB / "argparse.py"),
@@ -31,6 +33,21 @@ def tiny_data(tmp_path_factory) -> Path:
     sources = "[" + ",".join(TINY_SOURCES) + "]"
     cfg = load_config(TINY_CONFIG, [f"data.dir={out}", f"data.sources={sources}",
                                     "data.num_cpus=2"])
+    prepare(cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bert_t5_data(tmp_path_factory) -> Path:
+    """tiny_data's corpus prepared for bert-tiny and t5-tiny (one tokenizer with [CLS], [SEP],
+    [MASK], [PAD] and 8 sentinels serves both)."""
+    from data_pipeline.prepare import prepare
+    from pretrain.config_io import load_config
+
+    out = tmp_path_factory.mktemp("bert_t5_data")
+    sources = "[" + ",".join(TINY_SOURCES) + "]"
+    cfg = load_config(BERT_TINY, [f"data.dir={out}", f"data.sources={sources}",
+                                  "data.num_cpus=2"])
     prepare(cfg, progress=False)
     return out
 

@@ -173,7 +173,8 @@ def test_error_in_file_names_file_and_line(base: Path) -> None:
     m = base.parent / "models/m.yaml"
     assert problems(base) == [
         f"model.n_layer: Input should be greater than or equal to 1, got 0 [{m}:2]",
-        f"model.positions: Input should be 'learned' or 'sinusoidal', got 'rotary' [{m}:3]",
+        f"model.positions: Input should be 'learned', 'sinusoidal' or 'relative', got 'rotary' "
+        f"[{m}:3]",
     ]
 
 
@@ -270,7 +271,9 @@ def test_shipped_configs_exist() -> None:
     names = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")}
     assert {"gpt-default.yaml", "gpt-tiny.yaml", "models/gpt-tiny.yaml",
             "models/gpt-small-cpu.yaml", "models/gpt2-small.yaml", "models/gpt2-medium.yaml",
-            "data/stdlib.yaml",
+            "data/stdlib.yaml", "bert-tiny.yaml", "t5-tiny.yaml", "bert-default.yaml",
+            "t5-default.yaml", "models/bert-base.yaml", "models/t5-base.yaml",
+            "models/transformer-base.yaml", "data/stdlib-bert.yaml", "data/stdlib-t5.yaml",
             "optim/adamw-cosine.yaml", "logging/default.yaml",
             *(f"parallel/zero{s}.yaml" for s in range(4))} <= names
 
@@ -323,6 +326,23 @@ def test_gpt2_shapes_match_the_published_models(name: str, published: int) -> No
     assert cfg.model.vocab_size == 50304  # 50257 padded to a multiple of 64
     # Hugging Face's gpt2 / gpt2-medium parameter counts, with GPT-2's unpadded 50257 tokens.
     assert _gpt2_parameters(cfg, 50257) == published
+
+
+@pytest.mark.parametrize("name, published", [
+    ("bert-base", 110_106_428),     # HF BertForPreTraining(BertConfig()): bert-base-uncased
+    ("t5-base", 222_903_552),       # HF T5ForConditionalGeneration of t5-base
+    ("t5-v1_1-base", 247_577_856),  # google/t5-v1_1-base (gated-GELU, untied head)
+])
+def test_encoder_presets_match_the_published_models(name: str, published: int) -> None:
+    import torch
+
+    from pretrain.model import build_model
+
+    data, _ = compose_config(CONFIGS / f"models/{name}.yaml")
+    cfg = Config.model_validate(data).model
+    with torch.device("meta"):
+        model = build_model(cfg, cfg.vocab_size)
+    assert sum(p.numel() for p in model.parameters()) == published  # tied tensors once
 
 
 # ------------------------------------------------------------------ README

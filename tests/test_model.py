@@ -291,4 +291,4 @@ def test_logits_match_hf_gpt2(overrides):
 
 def test_build_model_unknown_family():
     with pytest.raises(ValueError, match="not implemented"):
-        build_model(ModelConfig.model_construct(family="bert"), V)
+        build_model(ModelConfig.model_construct(family="xlnet"), V)

@@ -18,10 +18,14 @@ from pretrain.model.attention import (
     MultiHeadAttention,
     build_attention_kernel,
 )
+from pretrain.model.bert import BERT
 from pretrain.model.gpt import GPT
 from pretrain.model.layers import ModelOutput
+from pretrain.model.t5 import T5
 
-MODEL_FAMILIES: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"gpt": GPT}
+MODEL_FAMILIES: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+    "gpt": GPT, "bert": BERT, "t5": T5,
+}
 """Constructors by `model.family`; each takes (model config, final vocabulary size)."""
 
 
@@ -41,11 +45,13 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
 __all__ = [
     "ATTENTION_KERNELS",
     "AttentionKernel",
+    "BERT",
     "DenseAttention",
     "GPT",
     "MODEL_FAMILIES",
     "ModelOutput",
     "MultiHeadAttention",
+    "T5",
     "build_attention_kernel",
     "build_model",
 ]

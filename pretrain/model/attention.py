@@ -36,6 +36,7 @@ this module), d head dim, E = H * d projection width (D unless heads were split)
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 import torch.nn.functional as F
@@ -190,11 +191,35 @@ def build_attention_kernel(cfg: AttentionConfig) -> AttentionKernel:
     return kernel_cls.from_config(cfg)
 
 
+class KVCache:
+    """Keys and values of the positions already processed, for incremental decoding: each
+    forward appends its new k, v [B, H, T, d] and attends over everything cached (the causal
+    mask is bottom-right aligned, so new queries see all earlier keys)."""
+
+    def __init__(self) -> None:
+        self.k_BHSd: Tensor | None = None
+        self.v_BHSd: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k_BHSd is None else self.k_BHSd.size(2)
+
+    def update(self, k_BHTd: Tensor, v_BHTd: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k_BHSd is None:
+            self.k_BHSd, self.v_BHSd = k_BHTd, v_BHTd
+        else:
+            self.k_BHSd = torch.cat([self.k_BHSd, k_BHTd], dim=2)
+            self.v_BHSd = torch.cat([self.v_BHSd, v_BHTd], dim=2)
+        return self.k_BHSd, self.v_BHSd
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head self- or cross-attention: projections, head split, kernel, output projection.
 
     Self-attention (cross=False): q, k, v all come from x_BTD. Cross-attention (cross=True): q
     from x_BTD, k and v from context_BSD (the encoder output in T5), which is then required.
+    scale_scores=False leaves the scores q.k unscaled (T5): q is multiplied by sqrt(d) before
+    the kernel, whose 1/sqrt(d) then cancels, so every kernel serves both conventions.
     """
 
     def __init__(
@@ -207,6 +232,7 @@ class MultiHeadAttention(nn.Module):
         attn_dropout: float = 0.0,
         kernel: AttentionKernel | None = None,
         cross: bool = False,
+        scale_scores: bool = True,
     ) -> None:
         super().__init__()
         if d_model % n_head:
@@ -215,6 +241,7 @@ class MultiHeadAttention(nn.Module):
         self.n_head = n_head
         self.head_dim = d_model // n_head
         self.cross = cross
+        self.scale_scores = scale_scores
         self.attn_dropout = attn_dropout
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -235,7 +262,10 @@ class MultiHeadAttention(nn.Module):
         causal: bool,
         key_padding_mask_BS: Tensor | None = None,
         attn_bias: Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> Tensor:
+        """kv_cache (self-attention only): append this call's keys and values to it and attend
+        over all of them; key_padding_mask_BS and attn_bias then cover the cached keys too."""
         if self.cross and context_BSD is None:
             raise ValueError("cross-attention needs context_BSD (the sequence to attend to)")
         if not self.cross and context_BSD is not None:
@@ -247,6 +277,10 @@ class MultiHeadAttention(nn.Module):
         q_BHTd = self._split_heads(self.q_proj(x_BTD))
         k_BHSd = self._split_heads(self.k_proj(src_BSD))
         v_BHSd = self._split_heads(self.v_proj(src_BSD))
+        if kv_cache is not None:
+            k_BHSd, v_BHSd = kv_cache.update(k_BHSd, v_BHSd)
+        if not self.scale_scores:
+            q_BHTd = q_BHTd * math.sqrt(self.head_dim)
         out_BHTd = self.kernel(
             q_BHTd,
             k_BHSd,

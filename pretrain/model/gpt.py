@@ -1,18 +1,21 @@
 """GPT: a decoder-only causal language model in the GPT-2 layout (Radford et al. 2019).
 
-    tokens -> wte + wpe -> dropout -> n_layer x Block -> ln_f -> lm_head -> logits
-    Block:  x = x + attn(ln_1(x))   (causal self-attention)
-            x = x + mlp(ln_2(x))    (GELU feed-forward)
+    tokens -> wte + wpe -> dropout -> n_layer x block -> ln_f -> lm_head -> logits
+    block (blocks.py, pre-norm):  x = x + attn(ln_1(x))   (causal self-attention)
+                                  x = x + mlp(ln_2(x))    (feed-forward)
 
-Pre-LayerNorm, GELU with the tanh approximation (GPT-2's `gelu_new`, so logits match Hugging
-Face GPT2LMHeadModel exactly; see hf_gpt2.py), output head tied to the token embedding when
-model.tie_embeddings. Init as GPT-2: every Linear/Embedding weight ~ N(0, init_std), biases 0,
-LayerNorms 1/0, and the two residual output projections of each block (attn.o_proj,
-mlp.c_proj) ~ N(0, init_std / sqrt(2 n_layer)), so the residual stream's variance does not grow
-with depth.
+With the defaults of `model:` this is GPT-2 exactly: pre-LayerNorm, GELU with the tanh
+approximation (GPT-2's `gelu_new`, so logits match Hugging Face GPT2LMHeadModel; see
+hf_gpt2.py), learned positions, output head tied to the token embedding. The shared blocks
+also give RMSNorm, post-norm, gated feed-forwards or unscaled attention when configured; those
+models train the same way but have no GPT-2 export.
 
-Attention projections are separate q_proj/k_proj/v_proj Linears (see attention.py for their
-layout and how they map onto GPT-2's fused c_attn).
+Init as GPT-2: every Linear/Embedding weight ~ N(0, init_std), biases 0, norms 1/0, and the
+two residual output projections of each block (attn.o_proj, mlp.c_proj) ~ N(0, init_std /
+sqrt(2 n_layer)), so the residual stream's variance does not grow with depth.
+
+Generation passes one KVCache per block (attention.py); positions then start after the cached
+tokens.
 
 Shape legend: B batch, T sequence length, D d_model, V vocabulary.
 """
@@ -25,46 +28,17 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.config import ModelConfig
-from pretrain.model.attention import MultiHeadAttention, build_attention_kernel
+from pretrain.model.attention import KVCache
+from pretrain.model.blocks import build_block
 from pretrain.model.flops import transformer_flops_per_token
 from pretrain.model.layers import (
-    FeedForward,
     LearnedPositions,
     ModelOutput,
+    build_norm,
     build_positions,
-    layer_norm,
+    init_normal_,
     lm_cross_entropy,
 )
-
-
-class Block(nn.Module):
-    """One pre-LayerNorm transformer block with causal self-attention."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        d_ff = cfg.d_ff if cfg.d_ff is not None else 4 * cfg.d_model
-        self.ln_1 = layer_norm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-        self.attn = MultiHeadAttention(
-            cfg.d_model,
-            cfg.n_head,
-            bias=cfg.bias,
-            dropout=cfg.dropout,
-            attn_dropout=cfg.attention.dropout,
-            kernel=build_attention_kernel(cfg.attention),
-        )
-        self.ln_2 = layer_norm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-        self.mlp = FeedForward(
-            cfg.d_model, d_ff, bias=cfg.bias, dropout=cfg.dropout, activation="gelu_tanh"
-        )
-
-    def residual_projections(self) -> list[nn.Linear]:
-        """The Linears that write into the residual stream (get the 1/sqrt(2 L) init)."""
-        return [self.attn.o_proj, self.mlp.c_proj]
-
-    def forward(self, x_BTD: Tensor) -> Tensor:
-        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), causal=True)
-        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD))
-        return x_BTD
 
 
 class GPT(nn.Module):
@@ -82,8 +56,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
         self.wpe = build_positions(cfg.positions, cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = layer_norm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.h = nn.ModuleList(build_block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = build_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one Parameter, two uses
@@ -93,19 +67,8 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """GPT-2 init (see module docstring). Safe to call again, e.g. after building on the
         meta device and materializing."""
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, LearnedPositions):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-        resid_std = std / math.sqrt(2 * self.cfg.n_layer)
+        init_normal_(self, self.cfg.init_std)
+        resid_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
         for block in self.h:
             for proj in block.residual_projections():
                 nn.init.normal_(proj.weight, mean=0.0, std=resid_std)
@@ -113,25 +76,28 @@ class GPT(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        targets: Tensor | None = None,
+        labels: Tensor | None = None,
         *,
         ignore_index: int = -100,
         return_logits: bool = False,
+        kv_caches: list[KVCache] | None = None,
     ) -> ModelOutput:
-        """input_ids, targets: int64 [B, T]. Targets equal to ignore_index do not count."""
+        """input_ids, labels: int64 [B, T] (labels are the next tokens; ignore_index does not
+        count). kv_caches: one per block, for generation (see module docstring)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         T = input_ids.size(1)
+        offset = kv_caches[0].length if kv_caches else 0
         tok_BTD = self.wte(input_ids)
-        pos_TD = self.wpe(T).to(tok_BTD.dtype)
+        pos_TD = self.wpe(T, offset).to(tok_BTD.dtype)
         x_BTD = self.drop(tok_BTD + pos_TD)
-        for block in self.h:
-            x_BTD = block(x_BTD)
+        for i, block in enumerate(self.h):
+            x_BTD = block(x_BTD, causal=True, kv_cache=kv_caches[i] if kv_caches else None)
         x_BTD = self.ln_f(x_BTD)
         logits_BTV = self.lm_head(x_BTD)  # compute dtype; the loss upcasts to fp32
-        if targets is None:
+        if labels is None:
             return ModelOutput(logits=logits_BTV)
-        loss, n_targets = lm_cross_entropy(logits_BTV, targets, ignore_index)
+        loss, n_targets = lm_cross_entropy(logits_BTV, labels, ignore_index)
         return ModelOutput(
             logits=logits_BTV if return_logits else None, loss=loss, n_targets=n_targets
         )

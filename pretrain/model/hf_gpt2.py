@@ -12,8 +12,12 @@ Weight layout. HF GPT-2 uses Conv1D, whose weight is [in, out] (the transpose of
     transformer.h.{i}.mlp.c_proj.weight   [F, D]  = mlp.c_proj.W.T
 Everything else (wte, wpe, ln_1, ln_2, ln_f, lm_head) is copied as is. Sinusoidal positions are
 exported as the wpe table (HF would treat it as trainable; inference is identical). A model
-built with bias=False exports zero biases, which is exact. HF's activation is "gelu_new", the
-tanh approximation our GPT uses.
+built with bias=False exports zero biases, which is exact. HF's activation "gelu_new" is the
+tanh approximation our GPT uses by default (gelu and relu map to HF's of the same name).
+
+Import (`config_from_hf`, `state_dict_from_hf`) is the inverse: c_attn is split back into
+q_proj, k_proj, v_proj and the Conv1D weights are transposed, so import -> export returns the
+same tensors.
 
 The model must be whole (not sharded by ZeRO-3 or tensor parallelism): gather it first.
 transformers is imported only inside the functions that need it (an optional dependency).
@@ -26,11 +30,33 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from pretrain.config import ModelConfig
 from pretrain.model.gpt import GPT
 from pretrain.model.layers import LearnedPositions
 
 if TYPE_CHECKING:
     from transformers import GPT2Config, GPT2LMHeadModel
+
+
+HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+
+
+def export_problems(cfg: ModelConfig) -> list[str]:
+    """Settings of `cfg` that GPT2LMHeadModel cannot express."""
+    out = []
+    if cfg.norm != "layernorm":
+        out.append(f"model.norm={cfg.norm!r}: GPT-2 normalizes with LayerNorm")
+    if cfg.norm_position != "pre":
+        out.append(f"model.norm_position={cfg.norm_position!r}: GPT-2 blocks are pre-norm")
+    if cfg.gated_ffn:
+        out.append("model.gated_ffn=true: GPT-2's feed-forward is not gated")
+    if cfg.attention.kind != "dense":
+        out.append(f"model.attention.kind={cfg.attention.kind!r}: GPT-2 has dense attention only")
+    return out
+
+
+def hf_class_name(cfg: ModelConfig) -> str:
+    return "GPT2LMHeadModel"
 
 
 def gpt_to_hf_config(model: GPT, *, eos_token_id: int | None = None) -> "GPT2Config":
@@ -44,17 +70,18 @@ def gpt_to_hf_config(model: GPT, *, eos_token_id: int | None = None) -> "GPT2Con
         n_embd=cfg.d_model,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
-        n_inner=cfg.d_ff if cfg.d_ff is not None else 4 * cfg.d_model,
-        activation_function="gelu_new",
+        n_inner=cfg.ffn_width,
+        activation_function=HF_ACTIVATION[cfg.activation],
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.attention.dropout,
         layer_norm_epsilon=cfg.norm_eps,
         initializer_range=cfg.init_std,
-        scale_attn_weights=True,
+        scale_attn_weights=cfg.scale_attn_scores,
         tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
+        architectures=["GPT2LMHeadModel"],
     )
 
 
@@ -65,10 +92,9 @@ def _bias_or_zeros(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
 @torch.no_grad()
 def gpt_to_hf_state_dict(model: GPT) -> dict[str, Tensor]:
     """GPT2LMHeadModel state dict holding `model`'s weights (new contiguous tensors)."""
-    if model.cfg.attention.kind != "dense":
-        raise ValueError(
-            f"HF GPT-2 has dense attention only; model.attention.kind={model.cfg.attention.kind!r}"
-        )
+    problems = export_problems(model.cfg)
+    if problems:
+        raise ValueError("GPT2LMHeadModel cannot express " + "; ".join(problems))
     sd: dict[str, Tensor] = {}
     wte = model.wte.weight
     sd["transformer.wte.weight"] = wte
@@ -115,3 +141,53 @@ def gpt_to_hf(model: GPT, *, eos_token_id: int | None = None) -> "GPT2LMHeadMode
             f"unexpected {unexpected} (transformers version changed its layout?)"
         )
     return hf.eval()
+
+
+def config_from_hf(hf: "GPT2Config", state_dict: dict[str, Tensor]) -> dict:
+    """Our `model:` keys for a Hugging Face GPT-2 (problems raise ValueError, each named)."""
+    inv = {v: k for k, v in HF_ACTIVATION.items()}
+    problems = []
+    if hf.activation_function not in inv:
+        problems.append(f"activation_function={hf.activation_function!r} (supported: "
+                        f"{sorted(inv)})")
+    if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+        problems.append("scale_attn_by_inverse_layer_idx=true")
+    if getattr(hf, "add_cross_attention", False):
+        problems.append("add_cross_attention=true")
+    if problems:
+        raise ValueError("cannot import this GPT-2: " + "; ".join(problems))
+    return {
+        "family": "gpt", "n_layer": hf.n_layer, "n_head": hf.n_head, "d_model": hf.n_embd,
+        "d_ff": hf.n_inner or 4 * hf.n_embd, "max_seq_len": hf.n_positions,
+        "vocab_size": hf.vocab_size, "positions": "learned", "norm": "layernorm",
+        "norm_position": "pre", "activation": inv[hf.activation_function], "gated_ffn": False,
+        "scale_attn_scores": bool(hf.scale_attn_weights), "dropout": hf.resid_pdrop,
+        "bias": True, "tie_embeddings": bool(getattr(hf, "tie_word_embeddings", True)),
+        "init_std": hf.initializer_range, "norm_eps": hf.layer_norm_epsilon,
+        "attention": {"kind": "dense", "dropout": hf.attn_pdrop},
+    }
+
+
+def state_dict_from_hf(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict from GPT2LMHeadModel's (the inverse of gpt_to_hf_state_dict)."""
+    sd = {"wte.weight": state_dict["transformer.wte.weight"],
+          "wpe.weight": state_dict["transformer.wpe.weight"],
+          "ln_f.weight": state_dict["transformer.ln_f.weight"],
+          "ln_f.bias": state_dict["transformer.ln_f.bias"]}
+    D = cfg.d_model
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}"
+        for ln in ("ln_1", "ln_2"):
+            for x in ("weight", "bias"):
+                sd[f"h.{i}.{ln}.{x}"] = state_dict[f"{p}.{ln}.{x}"]
+        w, b = state_dict[f"{p}.attn.c_attn.weight"].T, state_dict[f"{p}.attn.c_attn.bias"]
+        for k, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            sd[f"h.{i}.attn.{name}.weight"] = w[k * D : (k + 1) * D]
+            sd[f"h.{i}.attn.{name}.bias"] = b[k * D : (k + 1) * D]
+        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.c_fc", "mlp.c_fc"),
+                             ("mlp.c_proj", "mlp.c_proj")):
+            sd[f"h.{i}.{ours}.weight"] = state_dict[f"{p}.{theirs}.weight"].T
+            sd[f"h.{i}.{ours}.bias"] = state_dict[f"{p}.{theirs}.bias"]
+    sd["lm_head.weight"] = (sd["wte.weight"] if cfg.tie_embeddings
+                            else state_dict["lm_head.weight"])
+    return {k: v.contiguous() for k, v in sd.items()}

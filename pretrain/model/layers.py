@@ -1,12 +1,14 @@
-"""Building blocks shared by the model families: positions, feed-forward, norms, LM loss/output.
+"""Building blocks shared by the model families: positions (absolute and T5's relative bias),
+feed-forward (plain or gated), norms (LayerNorm, RMSNorm), LM loss and output.
 
-Shape legend: B batch, T positions, D d_model, F feed-forward width, V vocabulary.
+Shape legend: B batch, T query positions, S key positions, D d_model, F feed-forward width,
+H heads, V vocabulary.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -26,10 +28,10 @@ class LearnedPositions(nn.Module):
         self.weight = nn.Parameter(torch.empty(max_seq_len, d_model))
         nn.init.normal_(self.weight, std=0.02)  # the model's init_weights overrides this
 
-    def forward(self, seq_len: int) -> Tensor:
-        """Position embeddings of positions 0..seq_len-1: [T, D]."""
-        _check_seq_len(seq_len, self.max_seq_len)
-        return self.weight[:seq_len]
+    def forward(self, seq_len: int, offset: int = 0) -> Tensor:
+        """Embeddings of positions offset..offset+seq_len-1: [T, D] (offset: cached tokens)."""
+        _check_seq_len(offset + seq_len, self.max_seq_len)
+        return self.weight[offset : offset + seq_len]
 
 
 class SinusoidalPositions(nn.Module):
@@ -52,9 +54,9 @@ class SinusoidalPositions(nn.Module):
         table_TD[:, 1::2] = torch.cos(pos_T1 * inv_freq[: d_model // 2])  # odd D: one fewer cos
         self.register_buffer("table", table_TD.float(), persistent=False)
 
-    def forward(self, seq_len: int) -> Tensor:
-        _check_seq_len(seq_len, self.max_seq_len)
-        return self.table[:seq_len]
+    def forward(self, seq_len: int, offset: int = 0) -> Tensor:
+        _check_seq_len(offset + seq_len, self.max_seq_len)
+        return self.table[offset : offset + seq_len]
 
 
 def _check_seq_len(seq_len: int, max_seq_len: int) -> None:
@@ -68,11 +70,60 @@ def _check_seq_len(seq_len: int, max_seq_len: int) -> None:
 def build_positions(
     kind: Literal["learned", "sinusoidal"], max_seq_len: int, d_model: int
 ) -> LearnedPositions | SinusoidalPositions:
+    """The absolute position encoding added to token embeddings."""
     if kind == "learned":
         return LearnedPositions(max_seq_len, d_model)
     if kind == "sinusoidal":
         return SinusoidalPositions(max_seq_len, d_model)
-    raise ValueError(f"model.positions={kind!r} is not one of 'learned', 'sinusoidal'")
+    raise ValueError(f"model.positions={kind!r} is not an absolute encoding: 'learned', "
+                     "'sinusoidal'")
+
+
+class RelativePositionBias(nn.Module):
+    """T5's bucketed relative position bias (Raffel et al. 2020, section 2.1): a learned scalar
+    per head and bucket of the distance key - query, added to the attention scores.
+
+    Distances are bucketed as in Mesh TensorFlow: half of the buckets hold the exact small
+    distances 0..n/2-1, the other half log-spaced ranges up to max_distance; everything farther
+    shares the last bucket. Bidirectional (encoder) attention gives keys before and after the
+    query their own halves of the buckets; unidirectional (decoder) attention only looks back.
+
+    `relative_attention_bias` is an Embedding [buckets, H] (Hugging Face's name and layout).
+    Tensor parallelism must slice its columns along with the heads.
+    """
+
+    def __init__(self, n_head: int, *, bidirectional: bool, num_buckets: int = 32,
+                 max_distance: int = 128) -> None:
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.relative_attention_bias = nn.Embedding(num_buckets, n_head)
+
+    def bucket(self, relative_TS: Tensor) -> Tensor:
+        """Bucket index (int64, same shape) of each distance key - query."""
+        n = self.num_buckets
+        buckets = torch.zeros_like(relative_TS)
+        if self.bidirectional:
+            n //= 2
+            buckets = buckets + (relative_TS > 0).long() * n  # keys after the query: upper half
+            distance = relative_TS.abs()
+        else:
+            distance = (-relative_TS).clamp(min=0)  # only keys before the query count
+        exact = n // 2
+        # log-spaced buckets for exact <= distance < max_distance, the last one beyond
+        log_ratio = (torch.log(distance.float().clamp(min=1) / exact)
+                     / math.log(self.max_distance / exact))
+        far = (exact + (log_ratio * (n - exact)).long()).clamp(max=n - 1)
+        return buckets + torch.where(distance < exact, distance, far)
+
+    def forward(self, q_len: int, k_len: int, offset: int = 0) -> Tensor:
+        """Bias [1, H, T, S] for queries at positions offset..offset+T-1 and keys 0..S-1."""
+        device = self.relative_attention_bias.weight.device
+        q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        values_TSH = self.relative_attention_bias(self.bucket(k_pos - q_pos))
+        return values_TSH.permute(2, 0, 1).unsqueeze(0)
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -80,6 +131,17 @@ def build_positions(
 Activation = Literal["gelu_tanh", "gelu", "relu"]
 """`gelu_tanh`: the tanh approximation of GELU used by GPT-2 (HF "gelu_new"); `gelu`: exact
 erf GELU (BERT); `relu` (original T5)."""
+
+
+def activate(h: Tensor, activation: Activation) -> Tensor:
+    if activation == "relu":
+        return F.relu(h)
+    return F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ("gelu_tanh", "gelu", "relu"):
+        raise ValueError(f"unknown activation {activation!r}; use gelu_tanh, gelu or relu")
 
 
 class FeedForward(nn.Module):
@@ -96,20 +158,48 @@ class FeedForward(nn.Module):
         activation: Activation = "gelu_tanh",
     ) -> None:
         super().__init__()
-        if activation not in ("gelu_tanh", "gelu", "relu"):
-            raise ValueError(f"unknown activation {activation!r}; use gelu_tanh, gelu or relu")
+        _check_activation(activation)
         self.activation = activation
         self.c_fc = nn.Linear(d_model, d_ff, bias=bias)
         self.c_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        h_BTF = self.c_fc(x_BTD)
-        if self.activation == "relu":
-            h_BTF = F.relu(h_BTF)
-        else:
-            h_BTF = F.gelu(h_BTF, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        h_BTF = activate(self.c_fc(x_BTD), self.activation)
         return self.dropout(self.c_proj(h_BTF))
+
+
+class GatedFeedForward(nn.Module):
+    """Gated MLP (Shazeer 2020, "GLU Variants"): c_proj(act(c_gate(x)) * c_fc(x)) then dropout.
+    With gelu_tanh this is T5 v1.1's gated-GELU (HF wi_0 = c_gate, wi_1 = c_fc, wo = c_proj)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        bias: bool = True,
+        dropout: float = 0.0,
+        activation: Activation = "gelu_tanh",
+    ) -> None:
+        super().__init__()
+        _check_activation(activation)
+        self.activation = activation
+        self.c_gate = nn.Linear(d_model, d_ff, bias=bias)
+        self.c_fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.c_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        h_BTF = activate(self.c_gate(x_BTD), self.activation) * self.c_fc(x_BTD)
+        return self.dropout(self.c_proj(h_BTF))
+
+
+def build_feed_forward(cfg) -> FeedForward | GatedFeedForward:
+    """The feed-forward of `model:` config (model.gated_ffn, activation, d_ff, bias, dropout)."""
+    cls = GatedFeedForward if cfg.gated_ffn else FeedForward
+    return cls(cfg.d_model, cfg.ffn_width, bias=cfg.bias, dropout=cfg.dropout,
+               activation=cfg.activation)
 
 
 # ----------------------------------------------------------------------------- norms
@@ -118,6 +208,52 @@ class FeedForward(nn.Module):
 def layer_norm(d_model: int, *, eps: float, bias: bool) -> nn.LayerNorm:
     """LayerNorm with a learned scale and, if `bias`, a learned shift (model.bias)."""
     return nn.LayerNorm(d_model, eps=eps, bias=bias)
+
+
+class RMSNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019): T5's "LayerNorm", with no
+    mean subtraction and no shift. The statistics are computed in fp32; the result has the
+    weight's dtype when that is half precision, as in T5."""
+
+    def __init__(self, d_model: int, *, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        variance_BT1 = x_BTD.float().pow(2).mean(-1, keepdim=True)
+        x_BTD = x_BTD * torch.rsqrt(variance_BT1 + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x_BTD = x_BTD.to(self.weight.dtype)
+        return self.weight * x_BTD
+
+
+def build_norm(cfg, d_model: int | None = None) -> nn.Module:
+    """The norm of `model:` config: LayerNorm (with a shift if model.bias) or RMSNorm."""
+    d = cfg.d_model if d_model is None else d_model
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(d, eps=cfg.norm_eps)
+    return layer_norm(d, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+NORM_TYPES = (nn.LayerNorm, RMSNorm)
+
+
+@torch.no_grad()
+def init_normal_(root: nn.Module, std: float) -> None:
+    """GPT-2 / BERT init of every submodule: Linear, Embedding and learned position weights
+    ~ N(0, std), biases 0, norm scales 1 and shifts 0."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, NORM_TYPES):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, LearnedPositions):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
 # ----------------------------------------------------------------------------- output and loss
@@ -133,11 +269,17 @@ class ModelOutput:
         none); None without targets.
     n_targets: int64 scalar tensor, the number of targets that count in `loss` (for
         token-weighted averaging over micro-batches and ranks); None without targets.
+    metrics: detached scalars the family reports besides the loss (e.g. mlm_accuracy), each
+        a mean over this micro-batch; logged as they are, averaged over steps and ranks.
+    sentence_logits: [B, 2], BERT's sentence-pair head (None for other families, and with
+        targets unless return_logits).
     """
 
     logits: Tensor | None
     loss: Tensor | None = None
     n_targets: Tensor | None = None
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    sentence_logits: Tensor | None = None
 
 
 def lm_cross_entropy(
