@@ -34,6 +34,14 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
+    def ignore_from_now(self) -> None:
+        """The run is over (saved, status written): a late stop signal must not kill the exiting
+        process. SIG_IGN rather than our handler, because Python's shutdown resets signals that
+        have a Python handler to SIG_DFL, and a USR1 arriving then would end the process by
+        signal (seen on the test cluster: srun then reports the rank as failed)."""
+        for sig in list(self._previous) or STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if status_file and env.rank == 0:
         how = (f"stopped {summary['stopped_by']}" if summary.get("stopped_by") else "finished")
         atomic_write_text(status_file, f"{how} {summary['step']}\n")
+    stop.ignore_from_now()
     return 0
 
 
