@@ -20,6 +20,8 @@ from pretrain.model.attention import (
 )
 from pretrain.model.gpt import GPT
 from pretrain.model.layers import ModelOutput
+from pretrain.model.longformer import LongformerAttention  # registers kind "longformer"
+from pretrain.model.reformer import LSHAttention  # registers kind "reformer"
 
 MODEL_FAMILIES: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"gpt": GPT}
 """Constructors by `model.family`; each takes (model config, final vocabulary size)."""
@@ -43,6 +45,8 @@ __all__ = [
     "AttentionKernel",
     "DenseAttention",
     "GPT",
+    "LSHAttention",
+    "LongformerAttention",
     "MODEL_FAMILIES",
     "ModelOutput",
     "MultiHeadAttention",

@@ -4,11 +4,17 @@ The split is what lets BERT (bidirectional + padding), T5 (relative position bia
 attention), Longformer (sliding window + global tokens) and Reformer (LSH buckets) share one
 module:
 
-* `MultiHeadAttention` owns the learned parts: the q, k, v and output projections, the head
-  split/merge and the dropouts. It knows nothing about how scores are computed.
+* `MultiHeadAttention` owns the learned parts: the head projections, the output projection,
+  the head split/merge and the dropouts. It knows nothing about how scores are computed.
 * An `AttentionKernel` computes only  softmax(q k^T / sqrt(d) + attn_bias + masks) v  on
-  [B, H, T, d] tensors. Kernels are sibling classes with one call signature and are chosen by
-  name from `ATTENTION_KERNELS` (the `model.attention.kind` config key).
+  [B, H, T, d] tensors (long-context kernels restrict which keys each query sees). Kernels are
+  sibling classes with one call signature and are chosen by name from `ATTENTION_KERNELS` (the
+  `model.attention.kind` config key).
+* A kernel says which head projections feed it (`AttentionKernel.projections`, argument ->
+  projection name) and MultiHeadAttention builds exactly those: dense attention takes q, k, v
+  from q_proj, k_proj, v_proj; Reformer's shared query-key passes one qk_proj as both q and k;
+  Longformer adds q_global, k_global, v_global (keyword arguments) from their own projections.
+  Kernels hold no parameters of their own.
 
 Masks and bias, the same for every kernel:
 * `causal`: query i sees key j only if j <= i + (S - T) (aligned at the bottom-right, so a
@@ -20,10 +26,13 @@ Masks and bias, the same for every kernel:
   and passes zero gradient: never NaN.
 
 Tensor parallelism (later, from outside the model) splits heads by slicing the output features of
-q_proj/k_proj/v_proj and the input features of o_proj. The number of heads in forward is
-therefore derived from the projection width (`q_proj.out_features // head_dim`), never from
+every head projection (`MultiHeadAttention.head_projections()`: q_proj, k_proj, v_proj, or
+qk_proj, v_proj, plus any global ones) and the input features of o_proj. The number of heads in
+forward is therefore derived from the projection width (`out_features // head_dim`), never from
 `n_head`, so the sliced module runs unchanged on its share of heads. `n_head` records the count
-the module was built with; a TP transform updates it for the record.
+the module was built with; a TP transform updates it for the record. Kernels treat heads
+independently (Reformer's random rotations are shared by all heads), so a head-sliced module
+computes exactly its share of the unsliced one.
 
 Layout of the projections (nn.Linear, weight [out, in]): q_proj, k_proj, v_proj: [D, D], head h
 owns output rows h*d:(h+1)*d; o_proj: [D, D], head h owns input columns h*d:(h+1)*d. Hugging
@@ -36,6 +45,8 @@ this module), d head dim, E = H * d projection width (D unless heads were split)
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -97,14 +108,28 @@ def causal_mask_TS(T: int, S: int, device: torch.device) -> Tensor:
 class AttentionKernel(nn.Module, abc.ABC):
     """The attention core: softmax(q k^T / sqrt(d) + attn_bias + masks) v.
 
-    Subclasses implement `forward` with exactly this signature and semantics (see the module
-    docstring); they may hold buffers (e.g. random rotations) but no projections.
+    Subclasses implement `forward` with this signature and semantics (see the module docstring);
+    they may add keyword-only inputs of their own (e.g. Longformer's q_global, global_mask_BT),
+    may hold buffers but no parameters.
     """
 
+    projections: ClassVar[dict[str, str]] = {"q": "q", "k": "k", "v": "v"}
+    """Kernel argument -> name of the MultiHeadAttention projection `<name>_proj` (D -> E, heads
+    laid out like q_proj) that computes it. Arguments starting with "q" project the query input,
+    the others the key/value input (the same tensor in self-attention). Arguments other than q,
+    k, v are passed by keyword. Two arguments naming one projection get one tensor (the same
+    object in self-attention). A kernel may set its own per instance."""
+
     @classmethod
-    def from_config(cls, cfg: AttentionConfig) -> "AttentionKernel":
-        """Build the kernel from `model.attention`; kernels with settings override this."""
+    def from_config(cls, cfg: AttentionConfig, layer: int = 0) -> "AttentionKernel":
+        """Build the kernel of block `layer` from `model.attention`; kernels with settings
+        override this."""
         return cls()
+
+    def keys_per_query(self, seq_len: int) -> float:
+        """Keys each query is scored against (summed over hash rounds), for FLOP counts
+        (flops.py): seq_len for dense attention."""
+        return float(seq_len)
 
     @abc.abstractmethod
     def forward(
@@ -176,10 +201,25 @@ class DenseAttention(AttentionKernel):
 
 
 ATTENTION_KERNELS: dict[str, type[AttentionKernel]] = {"dense": DenseAttention}
-"""Kernel classes by `model.attention.kind`. New kernels register here."""
+"""Kernel classes by `model.attention.kind`. New kernels register with
+`@register_attention_kernel(name)`; pretrain.model imports every kernel module, so the registry
+is complete whenever the model package is imported."""
+
+K = TypeVar("K", bound=type[AttentionKernel])
 
 
-def build_attention_kernel(cfg: AttentionConfig) -> AttentionKernel:
+def register_attention_kernel(name: str) -> Callable[[K], K]:
+    def register(kernel_cls: K) -> K:
+        if name in ATTENTION_KERNELS and ATTENTION_KERNELS[name] is not kernel_cls:
+            raise ValueError(f"attention kernel {name!r} is registered twice")
+        ATTENTION_KERNELS[name] = kernel_cls
+        return kernel_cls
+
+    return register
+
+
+def build_attention_kernel(cfg: AttentionConfig, layer: int = 0) -> AttentionKernel:
+    """The kernel of block `layer` (per-layer settings such as Longformer windows use it)."""
     try:
         kernel_cls = ATTENTION_KERNELS[cfg.kind]
     except KeyError:
@@ -187,7 +227,7 @@ def build_attention_kernel(cfg: AttentionConfig) -> AttentionKernel:
             f"model.attention.kind={cfg.kind!r} is not a known attention kernel; "
             f"choose one of {sorted(ATTENTION_KERNELS)}"
         ) from None
-    return kernel_cls.from_config(cfg)
+    return kernel_cls.from_config(cfg, layer)
 
 
 class MultiHeadAttention(nn.Module):
@@ -216,12 +256,18 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // n_head
         self.cross = cross
         self.attn_dropout = attn_dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
         self.kernel = kernel if kernel is not None else DenseAttention()
+        # One Linear per projection the kernel consumes, in the kernel's order (dense: q, k, v).
+        self.projection_names = list(dict.fromkeys(self.kernel.projections.values()))
+        for name in self.projection_names:
+            self.add_module(f"{name}_proj", nn.Linear(d_model, d_model, bias=bias))
+        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
+
+    def head_projections(self) -> list[nn.Linear]:
+        """The Linears whose output features are laid out by head (split by tensor
+        parallelism); o_proj's input features are split the same way."""
+        return [getattr(self, f"{name}_proj") for name in self.projection_names]
 
     def _split_heads(self, x_BTE: Tensor) -> Tensor:
         B, T, E = x_BTE.shape
@@ -235,7 +281,10 @@ class MultiHeadAttention(nn.Module):
         causal: bool,
         key_padding_mask_BS: Tensor | None = None,
         attn_bias: Tensor | None = None,
+        **kernel_inputs: Tensor | None,
     ) -> Tensor:
+        """kernel_inputs: extra inputs of the kernel, passed through (e.g. Longformer's
+        global_mask_BT [B, T], True where a token attends globally)."""
         if self.cross and context_BSD is None:
             raise ValueError("cross-attention needs context_BSD (the sequence to attend to)")
         if not self.cross and context_BSD is not None:
@@ -244,17 +293,24 @@ class MultiHeadAttention(nn.Module):
             )
         src_BSD = context_BSD if self.cross else x_BTD
 
-        q_BHTd = self._split_heads(self.q_proj(x_BTD))
-        k_BHSd = self._split_heads(self.k_proj(src_BSD))
-        v_BHSd = self._split_heads(self.v_proj(src_BSD))
+        heads: dict[tuple[str, bool], Tensor] = {}  # (projection, of the query input) -> heads
+        args: dict[str, Tensor] = {}
+        for arg, name in self.kernel.projections.items():
+            query_side = arg.startswith("q") or src_BSD is x_BTD
+            if (name, query_side) not in heads:
+                proj = getattr(self, f"{name}_proj")
+                heads[name, query_side] = self._split_heads(proj(x_BTD if query_side else src_BSD))
+            args[arg] = heads[name, query_side]
         out_BHTd = self.kernel(
-            q_BHTd,
-            k_BHSd,
-            v_BHSd,
+            args.pop("q"),
+            args.pop("k"),
+            args.pop("v"),
             causal=causal,
             key_padding_mask_BS=key_padding_mask_BS,
             attn_bias=attn_bias,
             dropout_p=self.attn_dropout if self.training else 0.0,
+            **args,
+            **kernel_inputs,
         )
         B, H, T, d = out_BHTd.shape
         out_BTE = out_BHTd.transpose(1, 2).reshape(B, T, H * d)

@@ -1,8 +1,10 @@
 """GPT: a decoder-only causal language model in the GPT-2 layout (Radford et al. 2019).
 
     tokens -> wte + wpe -> dropout -> n_layer x Block -> ln_f -> lm_head -> logits
-    Block:  x = x + attn(ln_1(x))   (causal self-attention)
-            x = x + mlp(ln_2(x))    (GELU feed-forward)
+    Block:  x = x + attn(ln_1(x))   (causal self-attention: dense, Longformer or LSH)
+            x = x + mlp(ln_2(x))    (GELU feed-forward, optionally chunked)
+    model.reversible: two residual streams, x1 += attn(ln_1(x2)); x2 += mlp(ln_2(x1)), output
+            (x1 + x2) / 2, activations recomputed in backward (reversible.py)
 
 Pre-LayerNorm, GELU with the tanh approximation (GPT-2's `gelu_new`, so logits match Hugging
 Face GPT2LMHeadModel exactly; see hf_gpt2.py), output head tied to the token embedding when
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.config import ModelConfig
-from pretrain.model.attention import MultiHeadAttention, build_attention_kernel
+from pretrain.model.attention import AttentionKernel, MultiHeadAttention, build_attention_kernel
 from pretrain.model.flops import transformer_flops_per_token
 from pretrain.model.layers import (
     FeedForward,
@@ -35,12 +37,14 @@ from pretrain.model.layers import (
     layer_norm,
     lm_cross_entropy,
 )
+from pretrain.model.reversible import reversible_sequence
 
 
 class Block(nn.Module):
-    """One pre-LayerNorm transformer block with causal self-attention."""
+    """One pre-LayerNorm transformer block with causal self-attention. Its two residual
+    branches are methods of their own so that reversible layers can run them separately."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         d_ff = cfg.d_ff if cfg.d_ff is not None else 4 * cfg.d_model
         self.ln_1 = layer_norm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
@@ -50,20 +54,27 @@ class Block(nn.Module):
             bias=cfg.bias,
             dropout=cfg.dropout,
             attn_dropout=cfg.attention.dropout,
-            kernel=build_attention_kernel(cfg.attention),
+            kernel=build_attention_kernel(cfg.attention, layer),
         )
         self.ln_2 = layer_norm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = FeedForward(
-            cfg.d_model, d_ff, bias=cfg.bias, dropout=cfg.dropout, activation="gelu_tanh"
+            cfg.d_model, d_ff, bias=cfg.bias, dropout=cfg.dropout, activation="gelu_tanh",
+            chunk_size=cfg.ff_chunk_size,
         )
 
     def residual_projections(self) -> list[nn.Linear]:
         """The Linears that write into the residual stream (get the 1/sqrt(2 L) init)."""
         return [self.attn.o_proj, self.mlp.c_proj]
 
+    def attn_branch(self, x_BTD: Tensor) -> Tensor:
+        return self.attn(self.ln_1(x_BTD), causal=True)
+
+    def mlp_branch(self, x_BTD: Tensor) -> Tensor:
+        return self.mlp(self.ln_2(x_BTD))
+
     def forward(self, x_BTD: Tensor) -> Tensor:
-        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), causal=True)
-        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD))
+        x_BTD = x_BTD + self.attn_branch(x_BTD)
+        x_BTD = x_BTD + self.mlp_branch(x_BTD)
         return x_BTD
 
 
@@ -82,7 +93,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
         self.wpe = build_positions(cfg.positions, cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.h = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.ln_f = layer_norm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -125,8 +136,11 @@ class GPT(nn.Module):
         tok_BTD = self.wte(input_ids)
         pos_TD = self.wpe(T).to(tok_BTD.dtype)
         x_BTD = self.drop(tok_BTD + pos_TD)
-        for block in self.h:
-            x_BTD = block(x_BTD)
+        if self.cfg.reversible:  # two streams, recomputed in backward (reversible.py)
+            x_BTD = reversible_sequence([(b.attn_branch, b.mlp_branch) for b in self.h], x_BTD)
+        else:
+            for block in self.h:
+                x_BTD = block(x_BTD)
         x_BTD = self.ln_f(x_BTD)
         logits_BTV = self.lm_head(x_BTD)  # compute dtype; the loss upcasts to fp32
         if targets is None:
@@ -149,11 +163,15 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at context seq_len (PaLM: 6 N + 12 L H Q T, flops.py)."""
+        """Training FLOPs per token at context seq_len (PaLM: 6 N + 12 L H Q T, flops.py), where
+        T is the number of keys each query is scored against, averaged over the layers
+        (seq_len for dense attention, about 3 windows for Longformer)."""
+        kernels = [m for m in self.modules() if isinstance(m, AttentionKernel)]
+        keys = sum(kernel.keys_per_query(seq_len) for kernel in kernels) / len(kernels)
         return transformer_flops_per_token(
             n_params=self.num_params(non_embedding=True),
             n_layer=self.cfg.n_layer,
             n_head=self.cfg.n_head,
             head_dim=self.cfg.d_model // self.cfg.n_head,
-            seq_len=seq_len,
+            seq_len=keys,
         )

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------- positions
@@ -84,7 +85,13 @@ erf GELU (BERT); `relu` (original T5)."""
 
 class FeedForward(nn.Module):
     """Position-wise MLP: c_proj(act(c_fc(x))) then dropout. Names follow GPT-2 (mlp.c_fc,
-    mlp.c_proj); c_proj is a residual output projection (scaled init)."""
+    mlp.c_proj); c_proj is a residual output projection (scaled init).
+
+    chunk_size (Reformer's chunked feed-forward): positions are processed chunk_size at a time,
+    and with autograd on each chunk is checkpointed (recomputed in backward), so the [B, T, F]
+    hidden activation never exists whole, in forward or backward. Same function, same dropout
+    masks (the checkpoint restores the RNG), one more forward of the MLP in backward.
+    """
 
     def __init__(
         self,
@@ -94,16 +101,30 @@ class FeedForward(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         activation: Activation = "gelu_tanh",
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if activation not in ("gelu_tanh", "gelu", "relu"):
             raise ValueError(f"unknown activation {activation!r}; use gelu_tanh, gelu or relu")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         self.activation = activation
+        self.chunk_size = chunk_size
         self.c_fc = nn.Linear(d_model, d_ff, bias=bias)
         self.c_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
+        if self.chunk_size is None or x_BTD.size(1) <= self.chunk_size:
+            return self._mlp(x_BTD)
+        chunks = x_BTD.split(self.chunk_size, dim=1)
+        if torch.is_grad_enabled():
+            outs = [checkpoint(self._mlp, c, use_reentrant=False) for c in chunks]
+        else:
+            outs = [self._mlp(c) for c in chunks]
+        return torch.cat(outs, dim=1)
+
+    def _mlp(self, x_BTD: Tensor) -> Tensor:
         h_BTF = self.c_fc(x_BTD)
         if self.activation == "relu":
             h_BTF = F.relu(h_BTF)

@@ -1,0 +1,198 @@
+"""Reformer LSH attention (Kitaev et al. 2020): shared query-key, hashing, sorting, chunks.
+
+For each of n_hashes rounds:
+1. Hash: random rotation R [d, n_buckets/2]; bucket(x) = argmax([x R, -x R]) (angular LSH, so
+   vectors pointing the same way share a bucket). One rotation per round, shared by all heads
+   and batch rows (so a head-sliced module computes exactly its share).
+2. Sort the positions by bucket (stable: by position within a bucket) and cut the sorted
+   sequence into chunks of c = chunk_len.
+3. A query attends to the keys of its own bucket in its chunk and the previous one (no wrap
+   around from the first chunk). Causal: only keys at earlier positions, and at most c sorted
+   places back (the c latest earlier keys of its bucket). That bound makes the causal variant
+   exactly causal: which keys a query sees depends only on earlier positions, never on how
+   later tokens hashed (with plain chunk boundaries a later token in a lower bucket would shift
+   them).
+4. Shared QK: keys are the unit vectors k / |k| of the queries' own vectors, and the score is
+   q . k/|k| (the key normalization takes the place of 1/sqrt(d), as in the reference
+   implementation). A query never attends to itself unless it has no other key.
+5. Rounds are combined by their log-sum-exp: out = sum_r softmax_r(lse_r) out_r, which is the
+   softmax over the union of the rounds' keys when no key is seen in two rounds.
+With n_buckets = 1 and chunk_len >= T this is full shared-QK attention.
+
+Memory O(n_hashes * T * 2c); the only [T]-long work besides the chunks is hashing and sorting.
+Positions masked by key_padding_mask_BS are hashed into an extra bucket of their own, sorted
+after all real ones: as keys they are never attended, as queries they see no key and output 0
+(the module contract for rows with no key; the same holds for any row with no key in any round).
+
+Shape legend: B batch, H heads, T positions (L padded to a multiple of c), d head dim,
+R hash rounds, nc chunks per round, c chunk length, K = 2c keys per chunk window.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pretrain.config import AttentionConfig
+from pretrain.model.attention import (
+    AttentionKernel,
+    check_attention_inputs,
+    register_attention_kernel,
+)
+from pretrain.model.blocked import neighbour_blocks, softmax_rows
+
+
+@register_attention_kernel("reformer")
+class LSHAttention(AttentionKernel):
+    projections = {"q": "qk", "k": "qk", "v": "v"}  # shared query-key: one projection
+
+    def __init__(
+        self, n_hashes: int = 2, n_buckets: int = 32, chunk_len: int = 64,
+        hash_seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if n_hashes < 1 or chunk_len < 1:
+            raise ValueError(f"n_hashes and chunk_len must be >= 1, got {n_hashes}, {chunk_len}")
+        if n_buckets != 1 and (n_buckets < 2 or n_buckets % 2):
+            raise ValueError(f"n_buckets must be 1 or even, got {n_buckets}")
+        self.n_hashes, self.n_buckets, self.chunk_len = n_hashes, n_buckets, chunk_len
+        self.hash_seed = hash_seed
+
+    @classmethod
+    def from_config(cls, cfg: AttentionConfig, layer: int = 0) -> "LSHAttention":
+        rf = cfg.reformer
+        return cls(rf.n_hashes, rf.n_buckets, rf.chunk_len, rf.hash_seed)
+
+    def extra_repr(self) -> str:
+        return (f"n_hashes={self.n_hashes}, n_buckets={self.n_buckets}, "
+                f"chunk_len={self.chunk_len}, hash_seed={self.hash_seed}")
+
+    def keys_per_query(self, seq_len: int) -> float:
+        return 2.0 * min(self.chunk_len, seq_len) * self.n_hashes
+
+    # ------------------------------------------------------------------ hashing
+
+    def rotations(self, d: int, device: torch.device) -> Tensor:
+        """fp32 [d, n_hashes, n_buckets // 2]: fresh from torch's RNG, or fixed by hash_seed."""
+        shape = (d, self.n_hashes, self.n_buckets // 2)
+        if self.hash_seed is None:
+            return torch.randn(shape, device=device)
+        gen = torch.Generator().manual_seed(self.hash_seed)
+        return torch.randn(shape, generator=gen).to(device)
+
+    @torch.no_grad()
+    def buckets(self, qk_BHTd: Tensor, key_ok_BT: Tensor | None = None) -> Tensor:
+        """int64 [B, H, R, T]: the bucket of every position in every round, in [0, n_buckets);
+        positions where key_ok_BT is False (padding) go to an extra last bucket, n_buckets, so
+        they take no place among the real keys of the sorted sequence."""
+        B, H, T, d = qk_BHTd.shape
+        R = self.n_hashes
+        if self.n_buckets == 1:
+            buckets = torch.zeros(B, H, R, T, dtype=torch.long, device=qk_BHTd.device)
+        else:
+            rot = self.rotations(d, qk_BHTd.device).view(d, -1)
+            proj = (qk_BHTd.float() @ rot).view(B, H, T, R, -1)
+            # argmax over [proj, -proj] without building it
+            top, arg_top = proj.max(dim=-1)
+            low, arg_low = proj.min(dim=-1)
+            half = self.n_buckets // 2
+            buckets = torch.where(top >= -low, arg_top, arg_low + half).transpose(2, 3)
+        if key_ok_BT is not None:
+            buckets = buckets.masked_fill(~key_ok_BT[:, None, None, :], self.n_buckets)
+        return buckets.contiguous()
+
+    # ------------------------------------------------------------------ attention
+
+    def forward(
+        self,
+        q_BHTd: Tensor,
+        k_BHSd: Tensor,
+        v_BHSd: Tensor,
+        *,
+        causal: bool,
+        key_padding_mask_BS: Tensor | None = None,
+        attn_bias: Tensor | None = None,
+        dropout_p: float = 0.0,
+    ) -> Tensor:
+        check_attention_inputs(q_BHTd, k_BHSd, v_BHSd, key_padding_mask_BS, attn_bias)
+        if q_BHTd is not k_BHSd:
+            raise ValueError(
+                "reformer LSH attention shares queries and keys: pass the same tensor as q and k "
+                "(MultiHeadAttention does, from its one qk_proj; cross-attention cannot share)"
+            )
+        if attn_bias is not None:
+            raise ValueError(
+                "reformer LSH attention takes no attn_bias: a [T, S] bias is the n^2 tensor it "
+                "avoids (use model.attention.kind=dense for relative position biases)"
+            )
+        B, H, T, d = q_BHTd.shape
+        R = self.n_hashes
+        c = min(self.chunk_len, T)
+        nc = math.ceil(T / c)
+        L = nc * c
+        qk = F.pad(q_BHTd, (0, 0, 0, L - T))
+        v = F.pad(v_BHSd, (0, 0, 0, L - T))
+        key_ok_BL = torch.arange(L, device=qk.device) < T
+        if key_padding_mask_BS is not None:
+            key_ok_BL = key_ok_BL & F.pad(key_padding_mask_BS, (0, L - T), value=False)
+        else:
+            key_ok_BL = key_ok_BL.expand(B, L)
+
+        # 1-2. hash and sort each round by bucket; order = position at each sorted place.
+        bucket_BHRL = self.buckets(qk, key_ok_BL)
+        order_BHRL = torch.argsort(bucket_BHRL, dim=-1, stable=True)
+        bucket_s = bucket_BHRL.gather(-1, order_BHRL).view(B, H, R, nc, c)
+        pos_s = order_BHRL.view(B, H, R, nc, c)
+        # Gather rows through a flat index (an index of [B*H*R*L], not one expanded over d).
+        base = torch.arange(B * H, device=qk.device).view(B, H, 1, 1) * L
+        flat = (order_BHRL + base).reshape(-1)
+        q_s = qk.reshape(B * H * L, d).index_select(0, flat).view(B, H, R, nc, c, d)
+        v_s = v.reshape(B * H * L, d).index_select(0, flat).view(B, H, R, nc, c, d)
+        key_ok_s = key_ok_BL.gather(1, order_BHRL.view(B, -1)).view(B, H, R, nc, c)
+
+        # 3. chunk + previous chunk: K = 2c keys per query chunk.
+        k_win = neighbour_blocks(F.normalize(q_s, dim=-1), -3, ahead=False)  # [B,H,R,nc,K,d]
+        v_win = neighbour_blocks(v_s, -3, ahead=False)
+        pos_win = neighbour_blocks(pos_s, -2, ahead=False)  # [B, H, R, nc, K]
+        same_bucket = bucket_s[..., :, None] == neighbour_blocks(bucket_s, -2, ahead=False)[
+            ..., None, :]
+        allowed = same_bucket & neighbour_blocks(key_ok_s, -2, ahead=False)[..., None, :]
+        if causal:
+            allowed = allowed & (pos_win[..., None, :] <= pos_s[..., :, None])
+            # at most c sorted places back: in the previous chunk only columns u >= t
+            t = torch.arange(c, device=qk.device)
+            allowed = allowed & torch.cat([t[None, :] >= t[:, None], torch.ones(
+                c, c, dtype=torch.bool, device=qk.device)], dim=1)
+        # not itself, unless nothing else is allowed
+        is_self = pos_win[..., None, :] == pos_s[..., :, None]
+        others = allowed & ~is_self
+        allowed = others | (allowed & ~others.any(dim=-1, keepdim=True))
+
+        scores = q_s @ k_win.transpose(-1, -2)  # [B, H, R, nc, c, K]
+        probs, lse, row_ok = softmax_rows(scores, allowed)
+        probs = probs.to(v.dtype)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, dropout_p)
+        out_s = probs @ v_win  # [B, H, R, nc, c, d]
+
+        # 4. undo the sort: place p of each round gets the row of position p.
+        undo = torch.empty_like(order_BHRL).scatter_(
+            -1, order_BHRL, torch.arange(L, device=qk.device).expand_as(order_BHRL))
+        flat_undo = (undo + base * R + torch.arange(R, device=qk.device).view(1, 1, R, 1) * L)
+        flat_undo = flat_undo.reshape(-1)
+        out_BHRLd = out_s.reshape(-1, d).index_select(0, flat_undo).view(B, H, R, L, d)
+        lse = lse.masked_fill(~row_ok, torch.finfo(lse.dtype).min)
+        lse_BHRL = lse.reshape(-1).index_select(0, flat_undo).view(B, H, R, L)
+        ok_BHRL = row_ok.reshape(-1).index_select(0, flat_undo).view(B, H, R, L)
+
+        # 5. combine rounds by log-sum-exp; rows with no key in any round output zeros
+        if R == 1:
+            out = out_BHRLd[:, :, 0]
+        else:
+            weight = torch.softmax(lse_BHRL, dim=2).to(out_BHRLd.dtype)
+            out = (out_BHRLd * weight[..., None]).sum(dim=2)
+        out = out.masked_fill(~ok_BHRL.any(dim=2)[..., None], 0.0)
+        return out[:, :, :T].to(q_BHTd.dtype)
