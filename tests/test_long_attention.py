@@ -5,6 +5,7 @@ that stays O(T * window), reversible layers and chunked feed-forward, GPT integr
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.config import AttentionConfig, ModelConfig
+from pretrain.config_io import ConfigError, load_config
 from pretrain.model import GPT, LongformerAttention, LSHAttention, MultiHeadAttention, build_model
 from pretrain.model.attention import build_attention_kernel
+from pretrain.model.hf_compat import hf_export_problems
+from pretrain.model.hf_gpt2 import gpt_to_hf_state_dict
 from pretrain.model.layers import FeedForward
 from pretrain.model.reversible import residual_two_stream, reversible_sequence
 
@@ -486,3 +490,51 @@ def test_reversible_chunked_gpt_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+# ----------------------------------------------------------------------------- config, export
+
+LONG_PRESET = Path(__file__).resolve().parents[1] / "configs" / "gpt-long-8k.yaml"
+
+
+def test_long_preset_builds_an_8k_model_that_takes_a_step():
+    cfg = load_config(LONG_PRESET, world_size=2)
+    assert cfg.data.seq_len == cfg.model.max_seq_len == 8192
+    assert cfg.parallel.zero_stage == 2 and cfg.model.attention.kind == "longformer"
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 512)
+    assert [b.attn.kernel.window for b in model.h] == [64, 128]
+    x = torch.randint(0, 512, (1, 8192))
+    loss = model(x, x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+def test_long_attention_config_errors_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config(LONG_PRESET, ["model.attention.longformer.window=[8,8,8]",
+                                  "model.attention.longformer.global_positions=[0,9000,0]",
+                                  "train.activation_checkpointing=true", "model.reversible=true"])
+    text = str(info.value)
+    assert "model.attention.longformer.window: lists 3 values but model.n_layer=2" in text
+    assert "model.attention.longformer.global_positions: [9000] not below data.seq_len" in text
+    assert "lists a position twice" in text
+    assert "model.reversible: reversible layers already recompute" in text
+    with pytest.raises(ConfigError, match="n_buckets: must be 1 or even"):
+        load_config(LONG_PRESET, ["model.attention.kind=reformer",
+                                  "model.attention.reformer.n_buckets=5"])
+    with pytest.raises(ConfigError, match="model.attention.longformer.window"):
+        load_config(LONG_PRESET, ["model.attention.longformer.window=0"])  # >= 1
+    # settings of the kind not selected are not checked against the model
+    load_config(LONG_PRESET, ["model.attention.kind=reformer",
+                              "model.attention.longformer.window=[8,8,8]"])
+
+
+def test_hf_export_refuses_long_attention_and_reversible_layers():
+    model = build_model(tiny_cfg(attention=LONG_ATTENTION["reformer"], reversible=True), 50)
+    with pytest.raises(ValueError) as info:
+        gpt_to_hf_state_dict(model)
+    assert "GPT2LMHeadModel" in str(info.value)
+    assert "model.attention.kind='reformer'" in str(info.value)
+    assert "model.reversible=true" in str(info.value)
+    assert hf_export_problems(tiny_cfg(ff_chunk_size=4)) == []  # same function: exportable

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from pretrain.model.gpt import GPT
+from pretrain.model.hf_compat import require_hf_expressible
 from pretrain.model.layers import LearnedPositions
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ def gpt_to_hf_config(model: GPT, *, eos_token_id: int | None = None) -> "GPT2Con
     """The GPT2Config describing `model` (dropouts copied; call .eval() for inference)."""
     from transformers import GPT2Config
 
+    require_hf_expressible(model.cfg, "GPT2LMHeadModel")
     cfg = model.cfg
     return GPT2Config(
         vocab_size=model.vocab_size,
@@ -65,10 +67,7 @@ def _bias_or_zeros(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
 @torch.no_grad()
 def gpt_to_hf_state_dict(model: GPT) -> dict[str, Tensor]:
     """GPT2LMHeadModel state dict holding `model`'s weights (new contiguous tensors)."""
-    if model.cfg.attention.kind != "dense":
-        raise ValueError(
-            f"HF GPT-2 has dense attention only; model.attention.kind={model.cfg.attention.kind!r}"
-        )
+    require_hf_expressible(model.cfg, "GPT2LMHeadModel")
     sd: dict[str, Tensor] = {}
     wte = model.wte.weight
     sd["transformer.wte.weight"] = wte
