@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pretrain.config import AttentionConfig, ModelConfig
 from pretrain.config_io import ConfigError, load_config
 from pretrain.model import GPT, LongformerAttention, LSHAttention, MultiHeadAttention, build_model
+from pretrain.model import blocked
 from pretrain.model.attention import build_attention_kernel
 from pretrain.model.hf_compat import hf_export_problems
 from pretrain.model.hf_gpt2 import gpt_to_hf_state_dict
@@ -49,6 +50,45 @@ def assert_same_values_and_grads(out, ref, inputs, seed=7):
 def padding(lengths, T, left=False):
     pos = torch.arange(T)
     return torch.stack([(pos >= T - n) if left else (pos < n) for n in lengths])
+
+
+# ----------------------------------------------------------------------------- blocked core
+
+
+@pytest.mark.parametrize("group_bytes", [2**30, 600], ids=["one_group", "groups_of_blocks"])
+def test_blocked_attention_gradcheck_with_lse_and_empty_rows(group_bytes, monkeypatch):
+    """The hand-written backward (probabilities recomputed, block groups) against numerical
+    derivatives in float64, through the output and the log-sum-exp, with rows that see no key
+    (zeroed by the caller) and a mask broadcast over heads."""
+    monkeypatch.setattr(blocked, "GROUP_BYTES", group_bytes)
+    q, k, v = (randn(1, 2, 3, 4, n, 5, seed=s, dtype=torch.float64) for s, n in
+               ((0, 4), (1, 6), (2, 6)))
+    allowed = torch.rand(1, 1, 3, 4, 4, 6, generator=torch.Generator().manual_seed(3)) < 0.6
+    allowed[0, 0, 1, 2, 3] = False  # a row with no key
+
+    def f(q, k, v):
+        out, lse, ok = blocked.blocked_attention(q, k, v, allowed)
+        return out.masked_fill(~ok, 0.0), lse.masked_fill(~ok, 0.0)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    out, lse = f(q, k, v)
+    ref, ref_lse = masked_softmax_attention(q @ k.transpose(-1, -2), v, allowed)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse.masked_fill(~allowed.any(-1), 0.0)[..., None])
+
+
+def test_blocked_attention_dropout_matches_masked_reference():
+    q, k, v = (randn(2, 3, 4, 8, 8, seed=s) for s in range(3))
+    allowed = torch.ones(1, 1, 4, 8, 8, dtype=torch.bool).tril()
+    torch.manual_seed(5)
+    out, _, _ = blocked.blocked_attention(q, k, v, allowed, dropout_p=0.3)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    keep = blocked._keep_mask(torch.Size([2, 3, 4, 8, 8]), 0.3, seed, 0, q.device)
+    probs = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf")), -1)
+    ref = (probs * keep / 0.7) @ v
+    assert 0.2 < 1 - keep.float().mean() < 0.4
+    assert_same_values_and_grads(out, ref, [q, k, v])
 
 
 # ----------------------------------------------------------------------------- Longformer

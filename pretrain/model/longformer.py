@@ -40,7 +40,7 @@ from pretrain.model.attention import (
     check_attention_inputs,
     register_attention_kernel,
 )
-from pretrain.model.blocked import neighbour_blocks, softmax_rows
+from pretrain.model.blocked import blocked_attention, neighbour_blocks
 
 GLOBAL_PROJECTIONS = {"q_global": "q_global", "k_global": "k_global", "v_global": "v_global"}
 
@@ -215,8 +215,7 @@ class LongformerAttention(AttentionKernel):
             m_BT = F.pad(m_BT, (0, L - T), value=False)
             return m_BT.view(-1, nb * b, r).transpose(1, 2).reshape(-1, r, nb, b)
 
-        scale = 1.0 / math.sqrt(d)
-        q_blk = blocks(q * scale)  # [B, H, r, nb, b, d]
+        q_blk = blocks(q * (1.0 / math.sqrt(d)))  # [B, H, r, nb, b, d]
         k_win = neighbour_blocks(blocks(k), -3, ahead=not causal)  # [B, H, r, nb, K, d]
         v_win = neighbour_blocks(blocks(v), -3, ahead=not causal)
 
@@ -228,33 +227,26 @@ class LongformerAttention(AttentionKernel):
             key_ok_BT = key_ok_BT & ~glob[2]
         key_ok = neighbour_blocks(mask_blocks(key_ok_BT), -2, ahead=not causal)  # [B,r,nb,K]
         allowed = self._band(b, causal, q.device) & key_ok[:, None, :, :, None, :]
-        scores = q_blk @ k_win.transpose(-1, -2)  # [B, H, r, nb, b, K]
 
         if glob is not None:
+            # The G global keys join every window: G more columns of the same softmax.
             idx_BG, valid_BG, _ = glob
             G = idx_BG.size(1)
-            k_BHGd = k.gather(2, idx_BG[:, None, :, None].expand(B, H, G, d))
-            v_BHGd = v.gather(2, idx_BG[:, None, :, None].expand(B, H, G, d))
-            scores_g = (q_blk.reshape(B, H, L, d) @ k_BHGd.transpose(-1, -2)).view(
-                B, H, r, nb, b, G
-            )
+            index = idx_BG[:, None, :, None].expand(B, H, G, d)
+            k_glob = k.gather(2, index)[:, :, None, None].expand(B, H, r, nb, G, d)
+            v_glob = v.gather(2, index)[:, :, None, None].expand(B, H, r, nb, G, d)
+            k_win = torch.cat([k_win, k_glob], dim=-2)
+            v_win = torch.cat([v_win, v_glob], dim=-2)
             g_ok_BG = valid_BG if pad_BS is None else valid_BG & pad_BS.gather(1, idx_BG)
             allowed_g = g_ok_BG[:, None, None, None, None, :]  # [B, 1, 1, 1, 1, G]
             if causal:
                 row_pos = torch.arange(L, device=q.device).view(nb * b, r).T.reshape(r, nb, b)
                 allowed_g = allowed_g & (idx_BG[:, None, None, None, None, :]
                                          <= row_pos[None, None, :, :, :, None])
-            scores = torch.cat([scores, scores_g], dim=-1)
-            allowed = torch.cat([allowed, allowed_g.expand(B, 1, r, nb, b, G)], dim=-1)
+            allowed = torch.cat([allowed.expand(B, 1, r, nb, b, -1),
+                                 allowed_g.expand(B, 1, r, nb, b, G)], dim=-1)
 
-        probs, _, row_ok = softmax_rows(scores, allowed)
-        probs = probs.to(v.dtype)
-        if dropout_p > 0.0:
-            probs = F.dropout(probs, dropout_p)
-        K = k_win.size(-2)
-        out = probs[..., :K] @ v_win
-        if glob is not None:
-            out = out + (probs[..., K:].reshape(B, H, L, G) @ v_BHGd).view(B, H, r, nb, b, d)
+        out, _, row_ok = blocked_attention(q_blk, k_win, v_win, allowed, dropout_p)
         out = out.masked_fill(~row_ok, 0.0)
         return out.view(B, H, r, nb * b, d).transpose(2, 3).reshape(B, H, L, d)
 

@@ -42,7 +42,7 @@ from pretrain.model.attention import (
     check_attention_inputs,
     register_attention_kernel,
 )
-from pretrain.model.blocked import neighbour_blocks, softmax_rows
+from pretrain.model.blocked import blocked_attention, neighbour_blocks
 
 
 @register_attention_kernel("reformer")
@@ -171,12 +171,7 @@ class LSHAttention(AttentionKernel):
         others = allowed & ~is_self
         allowed = others | (allowed & ~others.any(dim=-1, keepdim=True))
 
-        scores = q_s @ k_win.transpose(-1, -2)  # [B, H, R, nc, c, K]
-        probs, lse, row_ok = softmax_rows(scores, allowed)
-        probs = probs.to(v.dtype)
-        if dropout_p > 0.0:
-            probs = F.dropout(probs, dropout_p)
-        out_s = probs @ v_win  # [B, H, R, nc, c, d]
+        out_s, lse, row_ok = blocked_attention(q_s, k_win, v_win, allowed, dropout_p)
 
         # 4. undo the sort: place p of each round gets the row of position p.
         undo = torch.empty_like(order_BHRL).scatter_(
