@@ -55,38 +55,53 @@ def padding(lengths, T, left=False):
 # ----------------------------------------------------------------------------- blocked core
 
 
-@pytest.mark.parametrize("group_bytes", [2**30, 600], ids=["one_group", "groups_of_blocks"])
-def test_blocked_attention_gradcheck_with_lse_and_empty_rows(group_bytes, monkeypatch):
-    """The hand-written backward (probabilities recomputed, block groups) against numerical
-    derivatives in float64, through the output and the log-sum-exp, with rows that see no key
-    (zeroed by the caller) and a mask broadcast over heads."""
+@pytest.mark.parametrize("ahead", [False, True], ids=["prev_cur", "prev_cur_next"])
+@pytest.mark.parametrize("group_bytes", [2**30, 300], ids=["one_group", "groups_of_blocks"])
+def test_window_attention_gradcheck(group_bytes, ahead, monkeypatch):
+    """The hand-written backward (windows rebuilt and probabilities recomputed per group of
+    blocks) against numerical derivatives in float64, through the output and the log-sum-exp,
+    with extra keys shared by all blocks, a row that sees no key (zeroed by the caller) and a
+    mask broadcast over heads; the values against a dense softmax over the same windows."""
     monkeypatch.setattr(blocked, "GROUP_BYTES", group_bytes)
-    q, k, v = (randn(1, 2, 3, 4, n, 5, seed=s, dtype=torch.float64) for s, n in
-               ((0, 4), (1, 6), (2, 6)))
-    allowed = torch.rand(1, 1, 3, 4, 4, 6, generator=torch.Generator().manual_seed(3)) < 0.6
-    allowed[0, 0, 1, 2, 3] = False  # a row with no key
+    nb, b, d, G = 4, 3, 5, 2
+    W = (3 if ahead else 2) * b + G
+    q, k, v = (randn(1, 2, nb, b, d, seed=s, dtype=torch.float64) for s in range(3))
+    ek, ev = (randn(1, 2, 1, G, d, seed=s, dtype=torch.float64) for s in (3, 4))
+    allowed = torch.rand(1, 1, nb, b, W, generator=torch.Generator().manual_seed(3)) < 0.6
+    allowed[..., 0, :, : b] = False  # block 0 has no previous block
+    if ahead:
+        allowed[..., -1, :, 2 * b: 3 * b] = False  # and the last no next one
+    allowed[0, 0, 1, 2] = False  # a row with no key
 
-    def f(q, k, v):
-        out, lse, ok = blocked.blocked_attention(q, k, v, allowed)
+    def f(q, k, v, ek, ev):
+        out, lse, ok = blocked.window_attention(q, k, v, allowed, ahead=ahead, extra_k=ek,
+                                                extra_v=ev, need_lse=True)
         return out.masked_fill(~ok, 0.0), lse.masked_fill(~ok, 0.0)
 
-    assert torch.autograd.gradcheck(f, (q, k, v))
-    out, lse = f(q, k, v)
-    ref, ref_lse = masked_softmax_attention(q @ k.transpose(-1, -2), v, allowed)
+    assert torch.autograd.gradcheck(f, (q, k, v, ek, ev))
+    # dense reference: the window keys written out block by block
+    k_win = torch.cat([blocked.neighbour_blocks(k, -3, ahead=ahead), ek.expand(1, 2, nb, G, d)],
+                      dim=-2)
+    v_win = torch.cat([blocked.neighbour_blocks(v, -3, ahead=ahead), ev.expand(1, 2, nb, G, d)],
+                      dim=-2)
+    out, lse = f(q, k, v, ek, ev)
+    ref, ref_lse = masked_softmax_attention(q @ k_win.transpose(-1, -2), v_win, allowed)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(lse, ref_lse.masked_fill(~allowed.any(-1), 0.0)[..., None])
 
 
-def test_blocked_attention_dropout_matches_masked_reference():
+def test_window_attention_dropout_matches_masked_reference():
     q, k, v = (randn(2, 3, 4, 8, 8, seed=s) for s in range(3))
-    allowed = torch.ones(1, 1, 4, 8, 8, dtype=torch.bool).tril()
+    allowed = torch.ones(1, 1, 4, 8, 16, dtype=torch.bool).tril(diagonal=8)
+    allowed[..., 0, :, :8] = False
     torch.manual_seed(5)
-    out, _, _ = blocked.blocked_attention(q, k, v, allowed, dropout_p=0.3)
+    out, _, _ = blocked.window_attention(q, k, v, allowed, ahead=False, dropout_p=0.3)
     torch.manual_seed(5)
     seed = int(torch.randint(0, 2**62, (1,)))
-    keep = blocked._keep_mask(torch.Size([2, 3, 4, 8, 8]), 0.3, seed, 0, q.device)
-    probs = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf")), -1)
-    ref = (probs * keep / 0.7) @ v
+    keep = blocked._keep_mask(torch.Size([2, 3, 4, 8, 16]), 0.3, seed, 0, q.device)
+    k_win, v_win = (blocked.neighbour_blocks(t, -3, ahead=False) for t in (k, v))
+    scores = (q @ k_win.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    ref = (torch.softmax(scores, -1) * keep / 0.7) @ v_win
     assert 0.2 < 1 - keep.float().mean() < 0.4
     assert_same_values_and_grads(out, ref, [q, k, v])
 

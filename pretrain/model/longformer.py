@@ -40,7 +40,7 @@ from pretrain.model.attention import (
     check_attention_inputs,
     register_attention_kernel,
 )
-from pretrain.model.blocked import blocked_attention, neighbour_blocks
+from pretrain.model.blocked import neighbour_blocks, window_attention
 
 GLOBAL_PROJECTIONS = {"q_global": "q_global", "k_global": "k_global", "v_global": "v_global"}
 
@@ -216,8 +216,7 @@ class LongformerAttention(AttentionKernel):
             return m_BT.view(-1, nb * b, r).transpose(1, 2).reshape(-1, r, nb, b)
 
         q_blk = blocks(q * (1.0 / math.sqrt(d)))  # [B, H, r, nb, b, d]
-        k_win = neighbour_blocks(blocks(k), -3, ahead=not causal)  # [B, H, r, nb, K, d]
-        v_win = neighbour_blocks(blocks(v), -3, ahead=not causal)
+        k_blk, v_blk = blocks(k), blocks(v)
 
         # Keys a window may use: real positions, not padding, not global (those come below).
         key_ok_BT = torch.ones(B, T, dtype=torch.bool, device=q.device)
@@ -228,15 +227,14 @@ class LongformerAttention(AttentionKernel):
         key_ok = neighbour_blocks(mask_blocks(key_ok_BT), -2, ahead=not causal)  # [B,r,nb,K]
         allowed = self._band(b, causal, q.device) & key_ok[:, None, :, :, None, :]
 
+        k_glob = v_glob = None
         if glob is not None:
             # The G global keys join every window: G more columns of the same softmax.
             idx_BG, valid_BG, _ = glob
             G = idx_BG.size(1)
             index = idx_BG[:, None, :, None].expand(B, H, G, d)
-            k_glob = k.gather(2, index)[:, :, None, None].expand(B, H, r, nb, G, d)
-            v_glob = v.gather(2, index)[:, :, None, None].expand(B, H, r, nb, G, d)
-            k_win = torch.cat([k_win, k_glob], dim=-2)
-            v_win = torch.cat([v_win, v_glob], dim=-2)
+            k_glob = k.gather(2, index)[:, :, None, None]  # [B, H, 1, 1, G, d]
+            v_glob = v.gather(2, index)[:, :, None, None]
             g_ok_BG = valid_BG if pad_BS is None else valid_BG & pad_BS.gather(1, idx_BG)
             allowed_g = g_ok_BG[:, None, None, None, None, :]  # [B, 1, 1, 1, 1, G]
             if causal:
@@ -246,7 +244,8 @@ class LongformerAttention(AttentionKernel):
             allowed = torch.cat([allowed.expand(B, 1, r, nb, b, -1),
                                  allowed_g.expand(B, 1, r, nb, b, G)], dim=-1)
 
-        out, _, row_ok = blocked_attention(q_blk, k_win, v_win, allowed, dropout_p)
+        out, _, row_ok = window_attention(q_blk, k_blk, v_blk, allowed, ahead=not causal,
+                                          extra_k=k_glob, extra_v=v_glob, dropout_p=dropout_p)
         out = out.masked_fill(~row_ok, 0.0)
         return out.view(B, H, r, nb * b, d).transpose(2, 3).reshape(B, H, L, d)
 

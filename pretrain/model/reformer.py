@@ -42,7 +42,7 @@ from pretrain.model.attention import (
     check_attention_inputs,
     register_attention_kernel,
 )
-from pretrain.model.blocked import blocked_attention, neighbour_blocks
+from pretrain.model.blocked import neighbour_blocks, window_attention
 
 
 @register_attention_kernel("reformer")
@@ -154,8 +154,7 @@ class LSHAttention(AttentionKernel):
         key_ok_s = key_ok_BL.gather(1, order_BHRL.view(B, -1)).view(B, H, R, nc, c)
 
         # 3. chunk + previous chunk: K = 2c keys per query chunk.
-        k_win = neighbour_blocks(F.normalize(q_s, dim=-1), -3, ahead=False)  # [B,H,R,nc,K,d]
-        v_win = neighbour_blocks(v_s, -3, ahead=False)
+        k_s = F.normalize(q_s, dim=-1)  # unit keys
         pos_win = neighbour_blocks(pos_s, -2, ahead=False)  # [B, H, R, nc, K]
         same_bucket = bucket_s[..., :, None] == neighbour_blocks(bucket_s, -2, ahead=False)[
             ..., None, :]
@@ -171,7 +170,8 @@ class LSHAttention(AttentionKernel):
         others = allowed & ~is_self
         allowed = others | (allowed & ~others.any(dim=-1, keepdim=True))
 
-        out_s, lse, row_ok = blocked_attention(q_s, k_win, v_win, allowed, dropout_p)
+        out_s, lse, row_ok = window_attention(q_s, k_s, v_s, allowed, ahead=False,
+                                              dropout_p=dropout_p, need_lse=R > 1)
 
         # 4. undo the sort: place p of each round gets the row of position p.
         undo = torch.empty_like(order_BHRL).scatter_(
@@ -179,14 +179,14 @@ class LSHAttention(AttentionKernel):
         flat_undo = (undo + base * R + torch.arange(R, device=qk.device).view(1, 1, R, 1) * L)
         flat_undo = flat_undo.reshape(-1)
         out_BHRLd = out_s.reshape(-1, d).index_select(0, flat_undo).view(B, H, R, L, d)
-        lse = lse.masked_fill(~row_ok, torch.finfo(lse.dtype).min)
-        lse_BHRL = lse.reshape(-1).index_select(0, flat_undo).view(B, H, R, L)
         ok_BHRL = row_ok.reshape(-1).index_select(0, flat_undo).view(B, H, R, L)
 
         # 5. combine rounds by log-sum-exp; rows with no key in any round output zeros
         if R == 1:
             out = out_BHRLd[:, :, 0]
         else:
+            lse = lse.masked_fill(~row_ok, torch.finfo(lse.dtype).min)  # empty rows weigh 0
+            lse_BHRL = lse.reshape(-1).index_select(0, flat_undo).view(B, H, R, L)
             weight = torch.softmax(lse_BHRL, dim=2).to(out_BHRLd.dtype)
             out = (out_BHRLd * weight[..., None]).sum(dim=2)
         out = out.masked_fill(~ok_BHRL.any(dim=2)[..., None], 0.0)
