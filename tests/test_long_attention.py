@@ -55,9 +55,10 @@ def padding(lengths, T, left=False):
 # ----------------------------------------------------------------------------- blocked core
 
 
-@pytest.mark.parametrize("ahead", [False, True], ids=["prev_cur", "prev_cur_next"])
+@pytest.mark.parametrize("ahead, save_probs", [(False, True), (True, False)],
+                         ids=["prev_cur_saved_probs", "prev_cur_next_recomputed"])
 @pytest.mark.parametrize("group_bytes", [2**30, 300], ids=["one_group", "groups_of_blocks"])
-def test_window_attention_gradcheck(group_bytes, ahead, monkeypatch):
+def test_window_attention_gradcheck(group_bytes, ahead, save_probs, monkeypatch):
     """The hand-written backward (windows rebuilt and probabilities recomputed per group of
     blocks) against numerical derivatives in float64, through the output and the log-sum-exp,
     with extra keys shared by all blocks, a row that sees no key (zeroed by the caller) and a
@@ -75,7 +76,7 @@ def test_window_attention_gradcheck(group_bytes, ahead, monkeypatch):
 
     def f(q, k, v, ek, ev):
         out, lse, ok = blocked.window_attention(q, k, v, allowed, ahead=ahead, extra_k=ek,
-                                                extra_v=ev, need_lse=True)
+                                                extra_v=ev, need_lse=True, save_probs=save_probs)
         return out.masked_fill(~ok, 0.0), lse.masked_fill(~ok, 0.0)
 
     assert torch.autograd.gradcheck(f, (q, k, v, ek, ev))

@@ -15,12 +15,15 @@ whatever the sequence length.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-GROUP_BYTES = 32 * 2**20
-"""Budget for one group's fp32 scores buffer: blocks are processed in groups of about this
-size (forward holds one such buffer, backward two)."""
+GROUP_BYTES = 2 * 2**20
+"""Budget for one group's fp32 scores buffer: blocks are processed in groups of about this size
+(at least one block). Buffers this small come from malloc's reused heap instead of fresh mmap'd
+pages (32 MiB groups were ~20% slower on CPU, from page faults), and bound transient memory."""
 
 
 def neighbour_blocks(x: Tensor, block_dim: int, *, ahead: bool) -> Tensor:
@@ -42,117 +45,190 @@ def neighbour_blocks(x: Tensor, block_dim: int, *, ahead: bool) -> Tensor:
 def window_attention(
     q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *, ahead: bool,
     extra_k: Tensor | None = None, extra_v: Tensor | None = None, dropout_p: float = 0.0,
-    need_lse: bool = False,
+    need_lse: bool = False, save_probs: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Block m of queries attends to key blocks m-1, m (and m+1 if `ahead`) and the extra keys.
 
     q, k, v: [..., nb, b, d] blocks, q already scaled; missing neighbours (before the first
     block, after the last) are zero keys that `allowed` must mask. extra_k, extra_v:
-    [..., 1, G, d], the same G keys for every block (broadcast over the block dim). allowed:
-    bool, broadcastable to [..., nb, b, W] with its block dim full; columns are the keys of
-    blocks m-1, m, (m+1), then the extra keys.
+    [..., 1, G, d], the same G keys for every block (broadcast over the block dim; leading dims
+    broadcastable too). allowed: bool, broadcastable to [..., nb, b, W] (block dims full);
+    columns are the keys of blocks m-1, m, (m+1), then the extra keys.
 
     Returns (out [..., nb, b, d], lse [..., nb, b, 1] or None, row_ok [..., nb, b, 1]): lse is
     the log-sum-exp of the allowed scores (differentiable; LSH combines hash rounds with it),
-    computed when `need_lse`. row_ok is False for rows that may see no key: they are given one
-    key (column 0) so that everything stays finite, and callers replace their outputs by zeros;
-    everywhere else masked keys get probability exactly 0. Softmax runs in fp32 at least.
+    computed when `need_lse`. row_ok is False for rows that may see no key: their values are
+    finite and meaningless, and callers replace them by zeros. Everywhere else masked keys get
+    probability exactly 0. Softmax runs in fp32 at least.
+
+    save_probs: keep the probabilities for backward instead of recomputing them: one fp32
+    [..., nb, b, W] tensor more (still O(n * W)), one matmul and softmax less. Worth it when W
+    is small next to d (LSH: W = 2 * chunk_len), not for wide windows.
     """
+    lead, (nb, b, d) = q.shape[:-3], q.shape[-3:]
+    W = allowed.size(-1)
+    P = math.prod(lead)
+    if allowed.shape[-3:-1] != (nb, b) or len(allowed.shape) != len(q.shape):
+        raise ValueError(f"allowed {tuple(allowed.shape)} does not match q {tuple(q.shape)}")
     row_ok = allowed.any(dim=-1, keepdim=True)
-    masked = ~allowed  # a fresh tensor, safe to edit
-    masked[..., :1] &= row_ok  # rows with no key: let them see column 0 (finite, zeroed later)
+    # Sequences ([nb, b, d] each) laid out one after the other: every group is contiguous.
+    q3, k3, v3 = (t.reshape(P, nb, b, d) for t in (q, k, v))
+    groups = _groups(P, nb, b * W * 4)
+    mask = _Mask(allowed, lead, whole_sequences=groups[0][1] == slice(0, nb))
+    ex_k = ex_v = q.new_empty(0)
+    if extra_k is not None:
+        G = extra_k.size(-2)
+        ex_k, ex_v = (t.expand(*lead, 1, G, d).reshape(P, 1, G, d) for t in (extra_k, extra_v))
     seed = int(torch.randint(0, 2**62, (1,))) if dropout_p > 0.0 else None  # seeded RNG
-    has_extra = extra_k is not None
-    if not has_extra:
-        extra_k = extra_v = q.new_empty(0)
-    out, lse = _WindowAttention.apply(q, k, v, extra_k, extra_v, masked, ahead, has_extra,
-                                      dropout_p, seed, need_lse)
-    return out, (lse if need_lse else None), row_ok
+    out, lse = _WindowAttention.apply(q3, k3, v3, ex_k, ex_v, mask, groups, ahead,
+                                      dropout_p, seed, need_lse, save_probs)
+    out = out.view(*lead, nb, b, d)
+    return out, (lse.view(*lead, nb, b, 1) if need_lse else None), row_ok
 
 
-def _groups(nb: int, per_block_bytes: int) -> list[slice]:
-    """Slices of the block dim such that one group's fp32 scores fit GROUP_BYTES."""
-    step = max(1, min(nb, GROUP_BYTES // max(1, per_block_bytes)))
-    return [slice(i, min(i + step, nb)) for i in range(0, nb, step)]
+Group = tuple[slice, slice]
+"""(sequences, blocks): whole sequences when one fits the budget, else blocks of one."""
 
 
-def _shifted(x: Tensor, g: slice, shift: int) -> Tensor:
-    """Blocks g.start+shift ... g.stop+shift-1 of x [..., nb, b, d]; zeros outside [0, nb)."""
-    nb = x.size(-3)
-    lo, hi = g.start + shift, g.stop + shift
-    inside = x[..., max(lo, 0):min(hi, nb), :, :]
-    if lo >= 0 and hi <= nb:
-        return inside
-    before = x.new_zeros(x.shape[:-3] + (max(0, -lo),) + x.shape[-2:])
-    after = x.new_zeros(x.shape[:-3] + (max(0, hi - nb),) + x.shape[-2:])
-    return torch.cat([before, inside, after], dim=-3)
+def _groups(P: int, nb: int, block_bytes: int) -> list[Group]:
+    """Groups whose fp32 scores fit GROUP_BYTES (at least one block each)."""
+    if nb * block_bytes <= GROUP_BYTES:
+        step = GROUP_BYTES // (nb * block_bytes)
+        return [(slice(p, min(p + step, P)), slice(0, nb)) for p in range(0, P, step)]
+    step = max(1, GROUP_BYTES // block_bytes)
+    return [(slice(p, p + 1), slice(m, min(m + step, nb)))
+            for p in range(P) for m in range(0, nb, step)]
 
 
-def _window(x: Tensor, extra: Tensor | None, g: slice, ahead: bool) -> Tensor:
-    """Key (or value) windows of the blocks in g: [..., n_g, W, d]."""
-    parts = [_shifted(x, g, -1), x[..., g, :, :]] + ([_shifted(x, g, 1)] if ahead else [])
+class _Mask:
+    """The rows of `allowed` for a group, without materializing dims it broadcasts (e.g. over
+    heads) unless groups span several sequences."""
+
+    def __init__(self, allowed: Tensor, lead: torch.Size, whole_sequences: bool) -> None:
+        self.lead = lead
+        if allowed.shape[:-3] == lead or whole_sequences:
+            self.flat = allowed.expand(*lead, *allowed.shape[-3:]).reshape(
+                math.prod(lead), *allowed.shape[-3:])
+            self.allowed = None
+        else:
+            self.flat, self.allowed = None, allowed
+
+    def tensors(self) -> list[Tensor]:
+        return [self.flat if self.flat is not None else self.allowed]
+
+    def rows(self, g: Group, saved: Tensor) -> Tensor:
+        ps, ns = g
+        if self.flat is not None:
+            return saved[ps, ns]
+        # one sequence: its index in each leading dim, 0 where the mask broadcasts
+        index, p = [], ps.start
+        for size, msize in reversed(list(zip(self.lead, saved.shape[:-3]))):
+            index.append(p % size if msize != 1 else 0)
+            p //= size
+        return saved[tuple(reversed(index))][ns].unsqueeze(0)
+
+
+def _window(x: Tensor, extra: Tensor | None, g: Group, ahead: bool) -> Tensor:
+    """Key (or value) windows of the blocks of group g, written once into a new tensor
+    [n_seq, n_blocks, W, d]: blocks m-1, m, (m+1) of the same sequence, zeros where those fall
+    outside it, then the extra keys."""
+    ps, ns = g
+    xs = x[ps]  # [n_seq, nb, b, d]
+    nb, b, d = xs.shape[-3:]
+    n_g = ns.stop - ns.start
+    shifts = (-1, 0, 1) if ahead else (-1, 0)
+    W = len(shifts) * b + (extra.size(-2) if extra is not None else 0)
+    win = x.new_empty(xs.size(0), n_g, W, d)
+    for i, shift in enumerate(shifts):
+        lo, hi = ns.start + shift, ns.stop + shift
+        dst = win[:, :, i * b:(i + 1) * b]
+        if lo < 0:
+            dst[:, :-lo] = 0
+        if hi > nb:
+            dst[:, n_g - (hi - nb):] = 0
+        dst[:, max(0, -lo):n_g - max(0, hi - nb)] = xs[:, max(lo, 0):min(hi, nb)]
     if extra is not None:
-        n_g = g.stop - g.start
-        parts.append(extra.expand(*x.shape[:-3], n_g, *extra.shape[-2:]))
-    return torch.cat(parts, dim=-2)
+        win[:, :, len(shifts) * b:] = extra[ps]
+    return win
 
 
-def _probs(q: Tensor, k_win: Tensor, masked: Tensor, need_lse: bool = False):
+def _scatter_window(d_full: Tensor, d_win: Tensor, d_extra: Tensor | None, g: Group,
+                    ahead: bool) -> None:
+    """Add the gradient of a group's windows [n_seq, n_blocks, W, d] back onto the blocks they
+    were built from (blocks m-1, m, m+1 of each block m) and onto the extra keys."""
+    ps, ns = g
+    nb, b = d_full.size(1), d_full.size(2)
+    shifts = (-1, 0, 1) if ahead else (-1, 0)
+    for i, shift in enumerate(shifts):
+        part = d_win[:, :, i * b:(i + 1) * b]
+        lo, hi = ns.start + shift, ns.stop + shift
+        src_lo, src_hi = max(0, -lo), (hi - lo) - max(0, hi - nb)
+        d_full[ps, max(lo, 0):min(hi, nb)] += part[:, src_lo:src_hi]
+    if d_extra is not None:
+        d_extra[ps] += d_win[:, :, len(shifts) * b:].sum(dim=1, keepdim=True)
+
+
+MASKED = -1e30
+"""Added to masked scores. Finite, so a row with no allowed key stays finite (uniform);
+exp(score - 1e30 - row max) is exactly 0 in fp32 wherever the row has an allowed key."""
+
+
+def _probs(q: Tensor, k_win: Tensor, allowed: Tensor, need_lse: bool = False):
     """Softmax of the masked scores q k^T of one group, fp32 (at least), and (if need_lse)
     their log-sum-exp: s_j - log p_j at the row's largest score (where p_j is largest).
 
-    Masked scores are -inf before torch's fused softmax: exp of -inf takes a faster path on CPU
-    than exp of a huge finite negative number (which underflows through denormals)."""
+    The mask is applied by adding (allowed - 1) * 1e30: converting and adding are vectorized
+    passes, several times faster on CPU than masked_fill with a bool mask."""
     s = q @ k_win.transpose(-1, -2)
     if s.dtype in (torch.float16, torch.bfloat16):
         s = s.float()
-    s.masked_fill_(masked, float("-inf"))
+    s.add_(allowed.to(s.dtype).sub_(1.0).mul_(-MASKED))
     s_max = s.amax(dim=-1, keepdim=True) if need_lse else None
     p = torch.softmax(s, dim=-1)
     return p, (s_max - p.amax(dim=-1, keepdim=True).log() if need_lse else None)
 
 
 def _keep_mask(shape: torch.Size, p: float, seed: int, offset: int, device) -> Tensor:
-    """Dropout keep-mask of one group, reproducible from (seed, group offset)."""
+    """Dropout keep-mask of one group, reproducible from (seed, group number)."""
     gen = torch.Generator(device=device).manual_seed(seed + offset)
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
 class _WindowAttention(torch.autograd.Function):
+    """On flattened sequences: q, k, v [P, nb, b, d], extra [P, 1, G, d] (or empty)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, extra_k, extra_v, masked, ahead, has_extra, dropout_p, seed,
-                need_lse):
-        nb = q.size(-3)
-        if masked.size(-3) != nb:
-            raise ValueError(f"the mask has {masked.size(-3)} blocks, q has {nb}")
+    def forward(ctx, q, k, v, extra_k, extra_v, mask, groups, ahead, dropout_p, seed, need_lse,
+                save_probs):
+        has_extra = extra_k.numel() > 0
         ex_k, ex_v = (extra_k, extra_v) if has_extra else (None, None)
-        W = masked.size(-1)
+        (mask_t,) = mask.tensors()
         out = torch.empty_like(q)
         lse = None
         if need_lse:
             fp32 = q.dtype in (torch.float16, torch.bfloat16)
             lse = q.new_empty(q.shape[:-1] + (1,), dtype=torch.float32 if fp32 else q.dtype)
-        groups = _groups(nb, q[..., 0, :, :].numel() // q.size(-1) * W * 4)
-        for g in groups:
-            p, lse_g = _probs(q[..., g, :, :], _window(k, ex_k, g, ahead), masked[..., g, :, :],
-                              need_lse)
+        saved_probs = []
+        for i, g in enumerate(groups):
+            p, lse_g = _probs(q[g], _window(k, ex_k, g, ahead), mask.rows(g, mask_t), need_lse)
             if need_lse:
-                lse[..., g, :, :] = lse_g
+                lse[g] = lse_g
+            if save_probs:
+                saved_probs.append(p)
             if dropout_p > 0.0:
-                keep = _keep_mask(p.shape, dropout_p, seed, g.start, p.device)
-                p.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
-            out[..., g, :, :] = p.to(v.dtype) @ _window(v, ex_v, g, ahead)
-        ctx.save_for_backward(q, k, v, extra_k, extra_v, masked, out)
-        ctx.groups, ctx.ahead, ctx.has_extra = groups, ahead, has_extra
+                keep = _keep_mask(p.shape, dropout_p, seed, i, p.device)
+                p = p * keep * (1.0 / (1.0 - dropout_p))
+            torch.matmul(p.to(v.dtype), _window(v, ex_v, g, ahead), out=out[g])
+        ctx.save_for_backward(q, k, v, extra_k, extra_v, mask_t, out, *saved_probs)
+        ctx.mask, ctx.groups, ctx.ahead, ctx.has_extra = mask, groups, ahead, has_extra
         ctx.dropout_p, ctx.seed = dropout_p, seed
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, extra_k, extra_v, masked, out = ctx.saved_tensors
+        q, k, v, extra_k, extra_v, mask_t, out, *saved_probs = ctx.saved_tensors
         ahead, p_drop, seed = ctx.ahead, ctx.dropout_p, ctx.seed
         ex_k, ex_v = (extra_k, extra_v) if ctx.has_extra else (None, None)
-        nb, b = q.size(-3), q.size(-2)
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         d_ex_k = torch.zeros_like(extra_k) if ctx.has_extra else None
         d_ex_v = torch.zeros_like(extra_v) if ctx.has_extra else None
@@ -163,35 +239,24 @@ class _WindowAttention(torch.autograd.Function):
         delta = (d_out.float() * out.float()).sum(dim=-1, keepdim=True)
         if d_lse is not None:
             delta = delta - d_lse
-        for g in ctx.groups:
-            qg, dog = q[..., g, :, :], d_out[..., g, :, :]
+        for i, g in enumerate(ctx.groups):
+            qg, dog = q[g], d_out[g]
             k_win, v_win = _window(k, ex_k, g, ahead), _window(v, ex_v, g, ahead)
-            p, _ = _probs(qg, k_win, masked[..., g, :, :])  # recomputed, never stored
+            if saved_probs:
+                p = saved_probs[i]
+            else:  # recomputed, never stored
+                p, _ = _probs(qg, k_win, ctx.mask.rows(g, mask_t))
             dp = (dog @ v_win.transpose(-1, -2)).to(p.dtype)
             if p_drop > 0.0:
-                keep = _keep_mask(p.shape, p_drop, seed, g.start, p.device)
+                keep = _keep_mask(p.shape, p_drop, seed, i, p.device)
                 scale = 1.0 / (1.0 - p_drop)
                 dv_win = (p * keep * scale).to(v.dtype).transpose(-1, -2) @ dog
                 dp.mul_(keep).mul_(scale)
             else:
                 dv_win = p.to(v.dtype).transpose(-1, -2) @ dog
-            ds = dp.sub_(delta[..., g, :, :]).mul_(p).to(q.dtype)
-            dq[..., g, :, :] = ds @ k_win
+            ds = dp.sub_(delta[g]).mul_(p).to(q.dtype)
+            torch.matmul(ds, k_win, out=dq[g])
             dk_win = ds.transpose(-1, -2) @ qg
-            for d_full, d_win, d_extra in ((dk, dk_win, d_ex_k), (dv, dv_win, d_ex_v)):
-                _scatter_window(d_full, d_win, d_extra, g, ahead, b, nb)
-        return dq, dk, dv, d_ex_k, d_ex_v, None, None, None, None, None, None
-
-
-def _scatter_window(d_full: Tensor, d_win: Tensor, d_extra: Tensor | None, g: slice,
-                    ahead: bool, b: int, nb: int) -> None:
-    """Add the gradient of a group's windows [..., n_g, W, d] back onto the blocks it was
-    built from (block m-1, m, m+1 of each block m) and onto the extra keys."""
-    for i, shift in enumerate((-1, 0, 1) if ahead else (-1, 0)):
-        part = d_win[..., i * b:(i + 1) * b, :]
-        lo, hi = g.start + shift, g.stop + shift
-        src_lo, src_hi = max(0, -lo), (hi - lo) - max(0, hi - nb)
-        d_full[..., max(lo, 0):min(hi, nb), :, :] += part[..., src_lo:src_hi, :, :]
-    if d_extra is not None:
-        n_keys = (3 if ahead else 2) * b
-        d_extra += d_win[..., n_keys:, :].sum_to_size(d_extra.shape)
+            _scatter_window(dk, dk_win, d_ex_k, g, ahead)
+            _scatter_window(dv, dv_win, d_ex_v, g, ahead)
+        return dq, dk, dv, d_ex_k, d_ex_v, None, None, None, None, None, None, None

@@ -31,6 +31,7 @@ R hash rounds, nc chunks per round, c chunk length, K = 2c keys per chunk window
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,20 @@ class LSHAttention(AttentionKernel):
 
     # ------------------------------------------------------------------ attention
 
+    @staticmethod
+    def _patterns(c: int, causal: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+        """bool [c, 2c] over a chunk's window (previous chunk, own chunk): the columns a query
+        row t may use, and its own column (c + t: a position appears once per round).
+
+        Within one bucket, sorted order is position order, so for same-bucket keys "earlier
+        position" is "earlier sorted place": causal keeps columns t ... c + t (at most c places
+        back, and not ahead); bidirectional keeps all."""
+        t = torch.arange(c, device=device)[:, None]
+        u = torch.arange(2 * c, device=device)[None, :]
+        pattern = (u >= t) & (u <= c + t) if causal else torch.ones(c, 2 * c, dtype=torch.bool,
+                                                                     device=device)
+        return pattern, u == c + t
+
     def forward(
         self,
         q_BHTd: Tensor,
@@ -132,62 +147,73 @@ class LSHAttention(AttentionKernel):
         R = self.n_hashes
         c = min(self.chunk_len, T)
         nc = math.ceil(T / c)
-        L = nc * c
-        qk = F.pad(q_BHTd, (0, 0, 0, L - T))
-        v = F.pad(v_BHSd, (0, 0, 0, L - T))
-        key_ok_BL = torch.arange(L, device=qk.device) < T
-        if key_padding_mask_BS is not None:
-            key_ok_BL = key_ok_BL & F.pad(key_padding_mask_BS, (0, L - T), value=False)
-        else:
-            key_ok_BL = key_ok_BL.expand(B, L)
+        L = nc * c  # sorted places per round: T padded to whole chunks
+        device = q_BHTd.device
+        key_ok_BT = (key_padding_mask_BS if key_padding_mask_BS is not None
+                     else torch.ones(B, T, dtype=torch.bool, device=device))
 
-        # 1-2. hash and sort each round by bucket; order = position at each sorted place.
-        bucket_BHRL = self.buckets(qk, key_ok_BL)
-        order_BHRL = torch.argsort(bucket_BHRL, dim=-1, stable=True)
-        bucket_s = bucket_BHRL.gather(-1, order_BHRL).view(B, H, R, nc, c)
-        pos_s = order_BHRL.view(B, H, R, nc, c)
-        # Gather rows through a flat index (an index of [B*H*R*L], not one expanded over d).
-        base = torch.arange(B * H, device=qk.device).view(B, H, 1, 1) * L
-        flat = (order_BHRL + base).reshape(-1)
-        q_s = qk.reshape(B * H * L, d).index_select(0, flat).view(B, H, R, nc, c, d)
-        v_s = v.reshape(B * H * L, d).index_select(0, flat).view(B, H, R, nc, c, d)
-        key_ok_s = key_ok_BL.gather(1, order_BHRL.view(B, -1)).view(B, H, R, nc, c)
+        # 1-2. hash, then sort each round by bucket (stable: by position inside a bucket).
+        # Places past T get the padding bucket, after every real one.
+        bucket_BHRL = F.pad(self.buckets(q_BHTd, key_ok_BT), (0, L - T), value=self.n_buckets)
+        order_BHRL = torch.argsort(bucket_BHRL, dim=-1, stable=True)  # place -> position
+        # Gather rows by flat index, straight from the memory of q and v (for
+        # MultiHeadAttention's head views, [B, T, H, d]: no transposed copy). Places past T
+        # read position 0: masked as keys, dropped as queries, so they get zero gradient.
+        pos_BHRL = order_BHRL.clamp(max=T - 1)
+        q_rows, q_index = _rows(q_BHTd)
+        k_rows, k_index = _rows(F.normalize(q_BHTd, dim=-1))  # unit keys, before the gather
+        v_rows, v_index = _rows(v_BHSd)
+        q_s = q_rows.index_select(0, q_index(pos_BHRL).view(-1)).view(B, H, R, nc, c, d)
+        k_s = k_rows.index_select(0, k_index(pos_BHRL).view(-1)).view(B, H, R, nc, c, d)
+        v_s = v_rows.index_select(0, v_index(pos_BHRL).view(-1)).view(B, H, R, nc, c, d)
 
-        # 3. chunk + previous chunk: K = 2c keys per query chunk.
-        k_s = F.normalize(q_s, dim=-1)  # unit keys
-        pos_win = neighbour_blocks(pos_s, -2, ahead=False)  # [B, H, R, nc, K]
-        same_bucket = bucket_s[..., :, None] == neighbour_blocks(bucket_s, -2, ahead=False)[
-            ..., None, :]
-        allowed = same_bucket & neighbour_blocks(key_ok_s, -2, ahead=False)[..., None, :]
-        if causal:
-            allowed = allowed & (pos_win[..., None, :] <= pos_s[..., :, None])
-            # at most c sorted places back: in the previous chunk only columns u >= t
-            t = torch.arange(c, device=qk.device)
-            allowed = allowed & torch.cat([t[None, :] >= t[:, None], torch.ones(
-                c, c, dtype=torch.bool, device=qk.device)], dim=1)
-        # not itself, unless nothing else is allowed
-        is_self = pos_win[..., None, :] == pos_s[..., :, None]
-        others = allowed & ~is_self
-        allowed = others | (allowed & ~others.any(dim=-1, keepdim=True))
+        # 3. chunk + previous chunk (K = 2c keys): allowed = same bucket, within the pattern.
+        # Bucket ids + 1, with 0 for invalid keys (padding, and the zeros neighbour_blocks puts
+        # before the first chunk) and -1 for invalid queries, so that neither ever matches.
+        ok_s = (bucket_BHRL.gather(-1, order_BHRL) < self.n_buckets).view(B, H, R, nc, c)
+        bucket_s = bucket_BHRL.gather(-1, order_BHRL).view(B, H, R, nc, c) + 1
+        bucket_win = neighbour_blocks(bucket_s * ok_s, -2, ahead=False)  # [B, H, R, nc, K]
+        bucket_q = bucket_s.masked_fill(~ok_s, -1)
+        pattern, is_self = self._patterns(c, causal, device)  # [c, K] each
+        others = (bucket_q[..., :, None] == bucket_win[..., None, :]) & (pattern & ~is_self)
+        # itself only when nothing else is allowed (and it is a real position)
+        lonely = ~others.any(dim=-1, keepdim=True) & ok_s[..., None]
+        allowed = others | (is_self & lonely)
 
         out_s, lse, row_ok = window_attention(q_s, k_s, v_s, allowed, ahead=False,
-                                              dropout_p=dropout_p, need_lse=R > 1)
+                                              dropout_p=dropout_p, need_lse=R > 1,
+                                              save_probs=True)
 
-        # 4. undo the sort: place p of each round gets the row of position p.
-        undo = torch.empty_like(order_BHRL).scatter_(
-            -1, order_BHRL, torch.arange(L, device=qk.device).expand_as(order_BHRL))
-        flat_undo = (undo + base * R + torch.arange(R, device=qk.device).view(1, 1, R, 1) * L)
-        flat_undo = flat_undo.reshape(-1)
-        out_BHRLd = out_s.reshape(-1, d).index_select(0, flat_undo).view(B, H, R, L, d)
-        ok_BHRL = row_ok.reshape(-1).index_select(0, flat_undo).view(B, H, R, L)
+        # 4. undo the sort: the rows of each position t < T, in [B, T, H, R] order (so that the
+        # result is laid out [B, T, H, d], the layout MultiHeadAttention merges heads from).
+        place_BHRL = torch.empty_like(order_BHRL).scatter_(
+            -1, order_BHRL, torch.arange(L, device=device).expand_as(order_BHRL))
+        bhr = torch.arange(B * H * R, device=device).view(B, H, R, 1) * L
+        rows_BTHR = (place_BHRL[..., :T] + bhr).permute(0, 3, 1, 2).reshape(-1)
+        out_BTHRd = out_s.reshape(-1, d).index_select(0, rows_BTHR).view(B, T, H, R, d)
+        ok_BTHR = row_ok.reshape(-1).index_select(0, rows_BTHR).view(B, T, H, R)
 
         # 5. combine rounds by log-sum-exp; rows with no key in any round output zeros
         if R == 1:
-            out = out_BHRLd[:, :, 0]
+            out_BTHd = out_BTHRd[:, :, :, 0]
         else:
             lse = lse.masked_fill(~row_ok, torch.finfo(lse.dtype).min)  # empty rows weigh 0
-            lse_BHRL = lse.reshape(-1).index_select(0, flat_undo).view(B, H, R, L)
-            weight = torch.softmax(lse_BHRL, dim=2).to(out_BHRLd.dtype)
-            out = (out_BHRLd * weight[..., None]).sum(dim=2)
-        out = out.masked_fill(~ok_BHRL.any(dim=2)[..., None], 0.0)
-        return out[:, :, :T].to(q_BHTd.dtype)
+            lse_BTHR = lse.reshape(-1).index_select(0, rows_BTHR).view(B, T, H, R)
+            weight = torch.softmax(lse_BTHR, dim=-1).to(out_BTHRd.dtype)[..., None]
+            out_BTHd = out_BTHRd[:, :, :, 0] * weight[:, :, :, 0]
+            for r in range(1, R):  # a loop of addcmul beats a broadcast multiply + sum on CPU
+                out_BTHd = torch.addcmul(out_BTHd, out_BTHRd[:, :, :, r], weight[:, :, :, r])
+        out_BTHd = out_BTHd.masked_fill(~ok_BTHR.any(dim=-1, keepdim=True), 0.0)
+        return out_BTHd.transpose(1, 2).to(q_BHTd.dtype)
+
+
+def _rows(x_BHTd: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """x as a [rows, d] matrix without copying when its memory is [B, T, H, d] (a head view) or
+    [B, H, T, d], and the function mapping positions [B, H, ...] to row numbers."""
+    B, H, T, d = x_BHTd.shape
+    b = torch.arange(B, device=x_BHTd.device).view(B, 1, 1, 1)
+    h = torch.arange(H, device=x_BHTd.device).view(1, H, 1, 1)
+    if x_BHTd.transpose(1, 2).is_contiguous():
+        return x_BHTd.transpose(1, 2).reshape(-1, d), lambda t: (b * T + t) * H + h
+    x = x_BHTd.contiguous()
+    return x.view(-1, d), lambda t: (b * H + h) * T + t
