@@ -21,6 +21,7 @@ from pretrain.model.hf_compat import hf_export_problems
 from pretrain.model.hf_gpt2 import gpt_to_hf_state_dict
 from pretrain.model.layers import FeedForward
 from pretrain.model.reversible import residual_two_stream, reversible_sequence
+from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -529,6 +530,22 @@ def test_head_sliced_modules_sum_to_the_whole(kind):
         part.o_proj.bias.data.copy_(full.o_proj.bias if shard == 0 else torch.zeros(D))
         total += part(x, causal=True)
     torch.testing.assert_close(total, want, atol=1e-6, rtol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Longformer's custom autograd function under non-reentrant checkpointing (which drops
+    and recomputes its saved tensors) gives the gradients of the plain model."""
+    x = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg(attention=LONG_ATTENTION["longformer"]), 50)
+        if checkpointed:
+            assert apply_activation_checkpointing(model) == 2
+        model(x, x).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_reversible_chunked_gpt_trains():

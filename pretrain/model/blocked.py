@@ -74,14 +74,14 @@ def window_attention(
     # Sequences ([nb, b, d] each) laid out one after the other: every group is contiguous.
     q3, k3, v3 = (t.reshape(P, nb, b, d) for t in (q, k, v))
     groups = _groups(P, nb, b * W * 4)
-    mask = _Mask(allowed, lead, whole_sequences=groups[0][1] == slice(0, nb))
+    mask, is_flat = _flat_mask(allowed, lead, whole_sequences=groups[0][1] == slice(0, nb))
     ex_k = ex_v = q.new_empty(0)
     if extra_k is not None:
         G = extra_k.size(-2)
         ex_k, ex_v = (t.expand(*lead, 1, G, d).reshape(P, 1, G, d) for t in (extra_k, extra_v))
     seed = int(torch.randint(0, 2**62, (1,))) if dropout_p > 0.0 else None  # seeded RNG
-    out, lse = _WindowAttention.apply(q3, k3, v3, ex_k, ex_v, mask, groups, ahead,
-                                      dropout_p, seed, need_lse, save_probs)
+    out, lse = _WindowAttention.apply(q3, k3, v3, ex_k, ex_v, mask, (lead, is_flat), groups,
+                                      ahead, dropout_p, seed, need_lse, save_probs)
     out = out.view(*lead, nb, b, d)
     return out, (lse.view(*lead, nb, b, 1) if need_lse else None), row_ok
 
@@ -100,32 +100,26 @@ def _groups(P: int, nb: int, block_bytes: int) -> list[Group]:
             for p in range(P) for m in range(0, nb, step)]
 
 
-class _Mask:
-    """The rows of `allowed` for a group, without materializing dims it broadcasts (e.g. over
-    heads) unless groups span several sequences."""
+def _flat_mask(allowed: Tensor, lead: torch.Size, whole_sequences: bool) -> tuple[Tensor, bool]:
+    """`allowed` as [P, nb, b, W] when it has every leading dim, or when groups span several
+    sequences (then dims it broadcasts, e.g. heads, are materialized); else as it is, and
+    `_mask_rows` picks one sequence's rows without materializing them."""
+    if allowed.shape[:-3] == lead or whole_sequences:
+        flat = allowed.expand(*lead, *allowed.shape[-3:]).reshape(-1, *allowed.shape[-3:])
+        return flat, True
+    return allowed, False
 
-    def __init__(self, allowed: Tensor, lead: torch.Size, whole_sequences: bool) -> None:
-        self.lead = lead
-        if allowed.shape[:-3] == lead or whole_sequences:
-            self.flat = allowed.expand(*lead, *allowed.shape[-3:]).reshape(
-                math.prod(lead), *allowed.shape[-3:])
-            self.allowed = None
-        else:
-            self.flat, self.allowed = None, allowed
 
-    def tensors(self) -> list[Tensor]:
-        return [self.flat if self.flat is not None else self.allowed]
-
-    def rows(self, g: Group, saved: Tensor) -> Tensor:
-        ps, ns = g
-        if self.flat is not None:
-            return saved[ps, ns]
-        # one sequence: its index in each leading dim, 0 where the mask broadcasts
-        index, p = [], ps.start
-        for size, msize in reversed(list(zip(self.lead, saved.shape[:-3]))):
-            index.append(p % size if msize != 1 else 0)
-            p //= size
-        return saved[tuple(reversed(index))][ns].unsqueeze(0)
+def _mask_rows(mask: Tensor, g: Group, lead: torch.Size, is_flat: bool) -> Tensor:
+    ps, ns = g
+    if is_flat:
+        return mask[ps, ns]
+    # one sequence: its index in each leading dim, 0 where the mask broadcasts
+    index, p = [], ps.start
+    for size, msize in reversed(list(zip(lead, mask.shape[:-3]))):
+        index.append(p % size if msize != 1 else 0)
+        p //= size
+    return mask[tuple(reversed(index))][ns].unsqueeze(0)
 
 
 def _window(x: Tensor, extra: Tensor | None, g: Group, ahead: bool) -> Tensor:
@@ -198,11 +192,10 @@ class _WindowAttention(torch.autograd.Function):
     """On flattened sequences: q, k, v [P, nb, b, d], extra [P, 1, G, d] (or empty)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, extra_k, extra_v, mask, groups, ahead, dropout_p, seed, need_lse,
-                save_probs):
+    def forward(ctx, q, k, v, extra_k, extra_v, mask, mask_layout, groups, ahead, dropout_p,
+                seed, need_lse, save_probs):
         has_extra = extra_k.numel() > 0
         ex_k, ex_v = (extra_k, extra_v) if has_extra else (None, None)
-        (mask_t,) = mask.tensors()
         out = torch.empty_like(q)
         lse = None
         if need_lse:
@@ -210,7 +203,8 @@ class _WindowAttention(torch.autograd.Function):
             lse = q.new_empty(q.shape[:-1] + (1,), dtype=torch.float32 if fp32 else q.dtype)
         saved_probs = []
         for i, g in enumerate(groups):
-            p, lse_g = _probs(q[g], _window(k, ex_k, g, ahead), mask.rows(g, mask_t), need_lse)
+            p, lse_g = _probs(q[g], _window(k, ex_k, g, ahead), _mask_rows(mask, g, *mask_layout),
+                              need_lse)
             if need_lse:
                 lse[g] = lse_g
             if save_probs:
@@ -219,14 +213,15 @@ class _WindowAttention(torch.autograd.Function):
                 keep = _keep_mask(p.shape, dropout_p, seed, i, p.device)
                 p = p * keep * (1.0 / (1.0 - dropout_p))
             torch.matmul(p.to(v.dtype), _window(v, ex_v, g, ahead), out=out[g])
-        ctx.save_for_backward(q, k, v, extra_k, extra_v, mask_t, out, *saved_probs)
-        ctx.mask, ctx.groups, ctx.ahead, ctx.has_extra = mask, groups, ahead, has_extra
+        ctx.save_for_backward(q, k, v, extra_k, extra_v, mask, out, *saved_probs)
+        ctx.mask_layout, ctx.groups = mask_layout, groups
+        ctx.ahead, ctx.has_extra = ahead, has_extra
         ctx.dropout_p, ctx.seed = dropout_p, seed
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, extra_k, extra_v, mask_t, out, *saved_probs = ctx.saved_tensors
+        q, k, v, extra_k, extra_v, mask, out, *saved_probs = ctx.saved_tensors
         ahead, p_drop, seed = ctx.ahead, ctx.dropout_p, ctx.seed
         ex_k, ex_v = (extra_k, extra_v) if ctx.has_extra else (None, None)
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -245,7 +240,7 @@ class _WindowAttention(torch.autograd.Function):
             if saved_probs:
                 p = saved_probs[i]
             else:  # recomputed, never stored
-                p, _ = _probs(qg, k_win, ctx.mask.rows(g, mask_t))
+                p, _ = _probs(qg, k_win, _mask_rows(mask, g, *ctx.mask_layout))
             dp = (dog @ v_win.transpose(-1, -2)).to(p.dtype)
             if p_drop > 0.0:
                 keep = _keep_mask(p.shape, p_drop, seed, i, p.device)
@@ -259,4 +254,4 @@ class _WindowAttention(torch.autograd.Function):
             dk_win = ds.transpose(-1, -2) @ qg
             _scatter_window(dk, dk_win, d_ex_k, g, ahead)
             _scatter_window(dv, dv_win, d_ex_v, g, ahead)
-        return dq, dk, dv, d_ex_k, d_ex_v, None, None, None, None, None, None, None
+        return dq, dk, dv, d_ex_k, d_ex_v, None, None, None, None, None, None, None, None

@@ -118,7 +118,9 @@ class LongformerAttention(AttentionKernel):
             )
         for name, t in (("q_global", q_global), ("k_global", k_global), ("v_global", v_global)):
             if t is not None and t.shape != q_BHTd.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(q_BHTd.shape)}")
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}, expected {tuple(q_BHTd.shape)}"
+                )
         if global_mask_BT is not None and (
             global_mask_BT.dtype != torch.bool or tuple(global_mask_BT.shape) != (B, T)
         ):
