@@ -245,7 +245,8 @@ def main() -> None:
           f"{os.cpu_count()} CPUs | torch {torch.__version__} | transformers "
           f"{transformers.__version__} | threads {args.threads or torch.get_num_threads()} | "
           f"{'causal' if args.causal else 'bidirectional'} | d_model {D_MODEL}, {N_HEAD} heads, "
-          f"window {WINDOW}, chunk {CHUNK}, {N_HASHES} hashes", flush=True)
+          f"window {WINDOW}, chunk {CHUNK}, {N_HASHES} hashes | load average "
+          f"{os.getloadavg()[0]:.1f} at start", flush=True)
     results = []
     for n in args.lengths:
         times = run_worker(args, "--time-worker", str(n), *args.impls)
@@ -254,6 +255,7 @@ def main() -> None:
             results.append({"impl": impl, "seq_len": n, "ms": times[impl],
                             "peak_mib": mem["peak_mib"]})
             print(json.dumps(results[-1]), flush=True)
+    print(f"# load average {os.getloadavg()[0]:.1f} at end", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(markdown(results, args.impls, args.lengths))
