@@ -80,7 +80,7 @@ def test_window_attention_gradcheck(group_bytes, ahead, save_probs, monkeypatch)
                                                 extra_v=ev, need_lse=True, save_probs=save_probs)
         return out.masked_fill(~ok, 0.0), lse.masked_fill(~ok, 0.0)
 
-    assert torch.autograd.gradcheck(f, (q, k, v, ek, ev))
+    assert torch.autograd.gradcheck(f, (q, k, v, ek, ev), fast_mode=True)
     # dense reference: the window keys written out block by block
     k_win = torch.cat([blocked.neighbour_blocks(k, -3, ahead=ahead), ek.expand(1, 2, nb, G, d)],
                       dim=-2)
