@@ -36,12 +36,55 @@ class RunConfig(Section):
     """Seed of model initialization, dropout and data order. Same seed, same run."""
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class LongformerConfig(Section):
+    window: PositiveInt | list[PositiveInt] = 256
+    """One-sided sliding window w: query i sees the keys i-w*dilation ... i+w*dilation (causal:
+    up to i) in steps of `dilation`. One number for every layer, or a list with one per layer
+    (length model.n_layer; t5: of the encoder). Memory and time grow as seq_len x w, not
+    seq_len^2."""
+    dilation: PositiveInt | list[PositiveInt] = 1
+    """Gap between attended keys in the window (1: contiguous). One number, or one per layer."""
+    global_positions: list[Annotated[int, Field(ge=0)]] = []
+    """Positions with global attention ([0]: BERT's [CLS], which the sentence head reads): they
+    attend to every position and every position attends to them (causal models: only earlier
+    ones), through their own q/k/v projections (q_global_proj, k_global_proj, v_global_proj) as
+    in the paper. Each must be below data.seq_len."""
+
+
+class ReformerConfig(Section):
+    n_hashes: PositiveInt = 2
+    """Rounds of LSH hashing; each round sorts by bucket separately and the rounds are combined
+    by their log-sum-exp. More rounds: closer to full attention, proportionally slower."""
+    n_buckets: PositiveInt = 32
+    """Hash buckets per round: 1 (one bucket: attention within chunks) or an even number
+    (random rotations projected onto n_buckets / 2 directions and their negatives). The paper
+    suggests about 2 * seq_len / chunk_len."""
+    chunk_len: PositiveInt = 64
+    """Length of the chunks of the bucket-sorted sequence: a query attends to keys of its own
+    bucket in its chunk and the previous one (causal: the chunk_len keys before it)."""
+    hash_seed: int | None = None
+    """Seed of the random rotations. null: fresh rotations every forward pass, drawn from torch's
+    random generator (so reproducible under run.seed and restored on resume). A number: the
+    same rotations in every call."""
+
+
 class AttentionConfig(Section):
-    kind: Literal["dense"] = "dense"
-    """Attention kernel. `dense` is PyTorch scaled_dot_product_attention (flash/memory-efficient
-    kernels on GPU). Long-context kernels plug in here under other names."""
+    kind: Literal["dense", "longformer", "reformer"] = "dense"
+    """Self-attention kernel of every family (t5: of the encoder; its decoder and every
+    cross-attention stay dense). `dense`: PyTorch scaled_dot_product_attention
+    (flash/memory-efficient kernels on GPU). `longformer`: sliding window + global positions
+    (settings in model.attention.longformer). `reformer`: LSH attention with shared query-key
+    (settings in model.attention.reformer). Both long kernels take t5's relative position bias,
+    evaluated on the pairs they score. Models with a long kernel have no Hugging Face export."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the attention probabilities."""
+    longformer: LongformerConfig = LongformerConfig()
+    """Settings of kind=longformer (ignored by the other kinds)."""
+    reformer: ReformerConfig = ReformerConfig()
+    """Settings of kind=reformer (ignored by the other kinds)."""
 
 
 class ModelConfig(Section):
@@ -110,6 +153,15 @@ class ModelConfig(Section):
     """Epsilon of the norms."""
     attention: AttentionConfig = AttentionConfig()
     """Attention kernel and its settings."""
+    reversible: bool = False
+    """Reversible residual layers (RevNet, as in Reformer): two residual streams, activations
+    recomputed from the layer outputs in the backward pass, so activation memory does not grow
+    with n_layer. Same parameters as the ordinary layers; a different function (no Hugging Face
+    export). Needs norm_position=pre and no train.activation_checkpointing."""
+    ff_chunk_size: int | None = Field(None, ge=1)
+    """Run the feed-forward network over this many positions at a time (forward and backward):
+    its [batch, seq_len, d_ff] activation is never whole in memory. null: all at once. Same
+    function, recomputed once more in the backward pass."""
 
     @property
     def ffn_width(self) -> int:
@@ -339,6 +391,17 @@ def validate_config(cfg: Config, world_size: int | None = None) -> list[tuple[st
             ("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
              "lower data.seq_len or raise model.max_seq_len")
         )
+    problems += _attention_problems(cfg)
+    if m.reversible and t.activation_checkpointing:
+        problems.append(
+            ("model.reversible", "reversible layers already recompute activations in the backward "
+             "pass; set train.activation_checkpointing=false (or model.reversible=false)")
+        )
+    if m.reversible and m.norm_position != "pre":
+        problems.append(
+            ("model.reversible", "reversible layers need residual branches, which post-norm blocks "
+             "have not (they normalize the stream itself); set model.norm_position=pre")
+        )
     if o.min_lr > o.lr:
         problems.append(("optim.min_lr", f"{o.min_lr} is above optim.lr={o.lr}"))
     if p.tensor_parallel != 1:
@@ -426,6 +489,38 @@ def _family_problems(cfg: Config) -> list[tuple[str, str]]:
             problems.append(("data.tokenizer.sentinel_tokens",
                              f"span corruption of data.seq_len + 1 = {d.seq_len + 1} tokens makes "
                              f"{spans} spans, each needing a sentinel; got {tok.sentinel_tokens}"))
+    return problems
+
+
+def _attention_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Settings of the selected attention kind that cannot work with this model and data."""
+    problems: list[tuple[str, str]] = []
+    m, a = cfg.model, cfg.model.attention
+    if a.kind == "longformer":
+        key = "model.attention.longformer"
+        for name in ("window", "dilation"):
+            value = getattr(a.longformer, name)
+            if isinstance(value, list) and len(value) != m.n_layer:
+                problems.append(
+                    (f"{key}.{name}", f"lists {len(value)} values but model.n_layer={m.n_layer}; "
+                     "give one per layer, or a single number for all")
+                )
+        positions = a.longformer.global_positions
+        beyond = [p for p in positions if p >= cfg.data.seq_len]
+        if beyond:
+            problems.append(
+                (f"{key}.global_positions", f"{beyond} not below data.seq_len={cfg.data.seq_len}")
+            )
+        if len(set(positions)) != len(positions):
+            problems.append((f"{key}.global_positions", f"lists a position twice: {positions}"))
+    if a.kind == "reformer":
+        n_buckets = a.reformer.n_buckets
+        if n_buckets != 1 and n_buckets % 2:
+            problems.append(
+                ("model.attention.reformer.n_buckets",
+                 f"must be 1 or even (hashing picks the argmax over n_buckets/2 random "
+                 f"directions and their negatives), got {n_buckets}")
+            )
     return problems
 
 

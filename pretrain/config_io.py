@@ -24,13 +24,14 @@ import os
 import re
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from data_pipeline.format import atomic_write_text
 from pretrain.config import Config, validate_config
@@ -373,10 +374,23 @@ _BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"),
            (annotated_types.Le, "le", "<="), (annotated_types.Lt, "lt", "<"))
 
 
+def _bounds(metadata: Iterable[Any]) -> list[str]:
+    """`>= 1`, `< 1.0`, ... from pydantic field metadata (constraints, or FieldInfos holding
+    them)."""
+    out = []
+    for m in metadata:
+        if isinstance(m, FieldInfo):
+            out += _bounds(m.metadata)
+        out += [f"{sym} {getattr(m, attr)}" for cls, attr, sym in _BOUNDS if isinstance(m, cls)]
+    return out
+
+
 def _type_name(annotation: Any) -> str:
     origin, args = get_origin(annotation), get_args(annotation)
     if annotation is type(None):
         return "null"
+    if origin is Annotated:  # e.g. Annotated[int, Field(ge=1)] -> "int >= 1"
+        return " ".join([_type_name(args[0]), *_bounds(args[1:])])
     if origin is Literal:
         return " | ".join(json.dumps(a) for a in args)
     if origin in (Union, types.UnionType):
@@ -405,8 +419,7 @@ def config_reference_markdown() -> str:
             if _section_class(field.annotation) is not None:
                 kind, default = "section", f"see `{section}.{key}`"
             else:
-                bounds = [f"{sym} {getattr(m, attr)}" for m in field.metadata
-                          for cls, attr, sym in _BOUNDS if isinstance(m, cls)]
+                bounds = _bounds(field.metadata)
                 kind = ", ".join([_type_name(field.annotation), *bounds])
                 default = f"`{json.dumps(field.default)}`"
             out.append(f"| `{key}` | {_cell(kind)} | {_cell(default)} | "

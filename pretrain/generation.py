@@ -2,7 +2,8 @@
 
     gpt   continue a prompt token by token; one KVCache per block keeps the keys and values of
           the tokens so far, so each new token costs one position's forward (use_cache=False
-          recomputes the whole prefix: the same tokens, slower)
+          recomputes the whole prefix: the same tokens, slower; so do models with a
+          long-context kernel, which need the whole sequence at once)
     t5    fill the sentinel spans of a prompt: encode it once, decode "<extra_id_0> span0
           <extra_id_1> span1 ... EOS", then put each span in place of its sentinel
     bert  fill the [MASK] tokens of a prompt in one forward (top candidates per mask)
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pretrain.model.attention import KVCache
+from pretrain.model.attention import AttentionKernel, KVCache
 
 
 @dataclass
@@ -72,6 +73,8 @@ def generate_gpt(model, prompt: list[int], *, max_new_tokens: int, eos_id: int |
         raise ValueError(f"the prompt has {len(prompt)} tokens; the model takes at most "
                          f"{model.cfg.max_seq_len}")
     ids = torch.tensor([prompt])
+    use_cache = use_cache and all(
+        m.scores_all_pairs for m in model.modules() if isinstance(m, AttentionKernel))
     caches = [KVCache() for _ in model.h] if use_cache else None
     logits = model(ids, kv_caches=caches).logits[:, -1]
     out: list[int] = []

@@ -16,11 +16,14 @@ from pretrain.model.attention import (
     AttentionKernel,
     DenseAttention,
     MultiHeadAttention,
+    OffsetBias,
     build_attention_kernel,
 )
 from pretrain.model.bert import BERT
 from pretrain.model.gpt import GPT
 from pretrain.model.layers import ModelOutput
+from pretrain.model.longformer import LongformerAttention  # registers kind "longformer"
+from pretrain.model.reformer import LSHAttention  # registers kind "reformer"
 from pretrain.model.t5 import T5
 
 MODEL_FAMILIES: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
@@ -48,9 +51,12 @@ __all__ = [
     "BERT",
     "DenseAttention",
     "GPT",
+    "LSHAttention",
+    "LongformerAttention",
     "MODEL_FAMILIES",
     "ModelOutput",
     "MultiHeadAttention",
+    "OffsetBias",
     "T5",
     "build_attention_kernel",
     "build_model",

@@ -4,26 +4,40 @@ The split is what lets BERT (bidirectional + padding), T5 (relative position bia
 attention), Longformer (sliding window + global tokens) and Reformer (LSH buckets) share one
 module:
 
-* `MultiHeadAttention` owns the learned parts: the q, k, v and output projections, the head
-  split/merge and the dropouts. It knows nothing about how scores are computed.
-* An `AttentionKernel` computes only  softmax(q k^T / sqrt(d) + attn_bias + masks) v  on
-  [B, H, T, d] tensors. Kernels are sibling classes with one call signature and are chosen by
-  name from `ATTENTION_KERNELS` (the `model.attention.kind` config key).
+* `MultiHeadAttention` owns the learned parts: the head projections, the output projection,
+  the head split/merge and the dropouts. It knows nothing about how scores are computed.
+* An `AttentionKernel` computes only  softmax(scale q k^T + attn_bias + masks) v  on
+  [B, H, T, d] tensors (scale 1/sqrt(d) unless given; long-context kernels restrict which keys
+  each query sees). Kernels are sibling classes with one call signature and are chosen by name
+  from `ATTENTION_KERNELS` (the `model.attention.kind` config key).
+* A kernel says which head projections feed it (`AttentionKernel.projections`, argument ->
+  projection name) and MultiHeadAttention builds exactly those: dense attention takes q, k, v
+  from q_proj, k_proj, v_proj; Reformer's shared query-key passes one qk_proj as both q and k;
+  Longformer adds q_global, k_global, v_global (keyword arguments) from their own projections.
+  Kernels hold no parameters of their own.
 
 Masks and bias, the same for every kernel:
 * `causal`: query i sees key j only if j <= i + (S - T) (aligned at the bottom-right, so a
   query block appended to cached keys sees all of them; with T == S this is the usual j <= i).
 * `key_padding_mask_BS`: bool [B, S], True = real token, False = padding never attended to.
-* `attn_bias`: float, added to the scaled scores, broadcastable to [B, H, T, S] (T5's learned
-  relative position bias, ALiBi, ...). It may require grad. Use masks, not -inf, to exclude.
+* `attn_bias`: added to the scaled scores, either a float tensor broadcastable to [B, H, T, S]
+  (T5's relative position bias as a table, ALiBi, ...) or an `OffsetBias`, a function of the
+  offset key - query that a kernel evaluates only on the pairs it scores. Kernels that score
+  every pair (`scores_all_pairs`: dense) take both; long-context kernels, whose point is never
+  to build a [T, S] tensor, take only an OffsetBias. Either may require grad. Use masks, not
+  -inf, to exclude.
+* `scale`: multiplies q k^T; None is 1/sqrt(d). T5 passes 1.0 (unscaled scores).
 * A query row whose keys are all masked (e.g. a padding query under left padding) outputs zeros
   and passes zero gradient: never NaN.
 
 Tensor parallelism (later, from outside the model) splits heads by slicing the output features of
-q_proj/k_proj/v_proj and the input features of o_proj. The number of heads in forward is
-therefore derived from the projection width (`q_proj.out_features // head_dim`), never from
+every head projection (`MultiHeadAttention.head_projections()`: q_proj, k_proj, v_proj, or
+qk_proj, v_proj, plus any global ones) and the input features of o_proj. The number of heads in
+forward is therefore derived from the projection width (`out_features // head_dim`), never from
 `n_head`, so the sliced module runs unchanged on its share of heads. `n_head` records the count
-the module was built with; a TP transform updates it for the record.
+the module was built with; a TP transform updates it for the record. Kernels treat heads
+independently (Reformer's random rotations are shared by all heads), so a head-sliced module
+computes exactly its share of the unsliced one.
 
 Layout of the projections (nn.Linear, weight [out, in]): q_proj, k_proj, v_proj: [D, D], head h
 owns output rows h*d:(h+1)*d; o_proj: [D, D], head h owns input columns h*d:(h+1)*d. Hugging
@@ -36,7 +50,8 @@ this module), d head dim, E = H * d projection width (D unless heads were split)
 from __future__ import annotations
 
 import abc
-import math
+from collections.abc import Callable
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +60,37 @@ from torch import Tensor, nn
 from pretrain.config import AttentionConfig
 
 
+class OffsetBias:
+    """An additive attention bias that depends only on the offset  key position - query
+    position, one value per head: T5's relative position bias (layers.RelativePositionBias),
+    ALiBi. Query i of T sits at position i + S - T, key j at position j (the causal mask's
+    alignment; T == S without a KV cache).
+
+    fn maps int64 offsets [H | 1, ...] (a leading 1: the same offsets for every head) to float
+    biases [H, ...], differentiably in its parameters. Dense attention evaluates it once on the
+    [T, S] grid (`dense`); Longformer and LSH attention evaluate it only on the pairs they
+    score, so the bias costs what their scores cost: O(T * window), never O(T * S).
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, offsets: Tensor) -> Tensor:
+        return self.fn(offsets)
+
+    def dense(self, T: int, S: int, device: torch.device) -> Tensor:
+        """The bias of every pair: [1, H, T, S]."""
+        q_pos = torch.arange(S - T, S, device=device)
+        k_pos = torch.arange(S, device=device)
+        return self(k_pos[None, None, :] - q_pos[None, :, None])[None]
+
+
 def check_attention_inputs(
     q_BHTd: Tensor,
     k_BHSd: Tensor,
     v_BHSd: Tensor,
     key_padding_mask_BS: Tensor | None,
-    attn_bias: Tensor | None,
+    attn_bias: Tensor | OffsetBias | None,
 ) -> None:
     """Shape/dtype checks shared by all kernels; errors say which argument is wrong."""
     if q_BHTd.dim() != 4 or k_BHSd.dim() != 4 or v_BHSd.dim() != 4:
@@ -77,7 +117,7 @@ def check_attention_inputs(
                 f"key_padding_mask_BS has shape {tuple(key_padding_mask_BS.shape)}, "
                 f"expected {(B, S)}"
             )
-    if attn_bias is not None:
+    if isinstance(attn_bias, Tensor):
         if not attn_bias.is_floating_point():
             raise TypeError(f"attn_bias must be a float tensor, got {attn_bias.dtype}")
         T = q_BHTd.size(2)
@@ -88,6 +128,20 @@ def check_attention_inputs(
                 f"attn_bias of shape {tuple(attn_bias.shape)} does not broadcast to "
                 f"[B, H, T, S] = {[B, q_BHTd.size(1), T, S]}"
             ) from None
+    elif attn_bias is not None and not isinstance(attn_bias, OffsetBias):
+        raise TypeError(f"attn_bias must be a float tensor or an OffsetBias, got "
+                        f"{type(attn_bias).__name__}")
+
+
+def refuse_tensor_bias(kernel_name: str, attn_bias: Tensor | OffsetBias | None) -> None:
+    """For kernels that score only some pairs: a [T, S] bias tensor is what they avoid."""
+    if isinstance(attn_bias, Tensor):
+        raise ValueError(
+            f"{kernel_name} attention takes no attn_bias tensor: a [T, S] bias is the n^2 tensor "
+            "it avoids. Pass the bias as an OffsetBias (a function of key - query position, "
+            "evaluated on the scored pairs only), as TransformerStack does for model.positions="
+            "relative, or use model.attention.kind=dense"
+        )
 
 
 def causal_mask_TS(T: int, S: int, device: torch.device) -> Tensor:
@@ -96,16 +150,36 @@ def causal_mask_TS(T: int, S: int, device: torch.device) -> Tensor:
 
 
 class AttentionKernel(nn.Module, abc.ABC):
-    """The attention core: softmax(q k^T / sqrt(d) + attn_bias + masks) v.
+    """The attention core: softmax(scale q k^T + attn_bias + masks) v.
 
-    Subclasses implement `forward` with exactly this signature and semantics (see the module
-    docstring); they may hold buffers (e.g. random rotations) but no projections.
+    Subclasses implement `forward` with this signature and semantics (see the module docstring);
+    they may add keyword-only inputs of their own (e.g. Longformer's q_global, global_mask_BT),
+    may hold buffers but no parameters.
     """
 
+    projections: ClassVar[dict[str, str]] = {"q": "q", "k": "k", "v": "v"}
+    """Kernel argument -> name of the MultiHeadAttention projection `<name>_proj` (D -> E, heads
+    laid out like q_proj) that computes it. Arguments starting with "q" project the query input,
+    the others the key/value input (the same tensor in self-attention). Arguments other than q,
+    k, v are passed by keyword. Two arguments naming one projection get one tensor (the same
+    object in self-attention). A kernel may set its own per instance."""
+
+    scores_all_pairs: ClassVar[bool] = True
+    """Whether the kernel scores every (query, key) pair. Such kernels take attn_bias as a
+    [T, S] tensor and queries against cached keys (KVCache, T < S). Kernels that score some
+    pairs only (a window, a hash bucket) need the whole sequence at once and take a position
+    bias only as an OffsetBias."""
+
     @classmethod
-    def from_config(cls, cfg: AttentionConfig) -> "AttentionKernel":
-        """Build the kernel from `model.attention`; kernels with settings override this."""
+    def from_config(cls, cfg: AttentionConfig, layer: int = 0) -> "AttentionKernel":
+        """Build the kernel of block `layer` from `model.attention`; kernels with settings
+        override this."""
         return cls()
+
+    def keys_per_query(self, seq_len: int) -> float:
+        """Keys each query is scored against (summed over hash rounds), for FLOP counts
+        (flops.py): seq_len for dense attention."""
+        return float(seq_len)
 
     @abc.abstractmethod
     def forward(
@@ -116,8 +190,9 @@ class AttentionKernel(nn.Module, abc.ABC):
         *,
         causal: bool,
         key_padding_mask_BS: Tensor | None = None,
-        attn_bias: Tensor | None = None,
+        attn_bias: Tensor | OffsetBias | None = None,
         dropout_p: float = 0.0,
+        scale: float | None = None,
     ) -> Tensor:
         """Returns out_BHTd, in the dtype of q."""
 
@@ -127,8 +202,9 @@ class DenseAttention(AttentionKernel):
     kernels on GPU, a fused kernel on CPU).
 
     Plain causal (or unmasked) self-attention takes the `is_causal=True` fast path and never
-    builds a mask. Only when padding or a bias is present is a [B|1, 1, T, S] mask built: bool if
-    there is no bias, else the bias with -inf where masked.
+    builds a mask. Only when padding or a bias is present is a [B|1, 1|H, T, S] mask built: bool
+    if there is no bias, else the bias with -inf where masked (an OffsetBias is evaluated on the
+    whole [T, S] grid first).
     """
 
     def forward(
@@ -139,15 +215,18 @@ class DenseAttention(AttentionKernel):
         *,
         causal: bool,
         key_padding_mask_BS: Tensor | None = None,
-        attn_bias: Tensor | None = None,
+        attn_bias: Tensor | OffsetBias | None = None,
         dropout_p: float = 0.0,
+        scale: float | None = None,
     ) -> Tensor:
         check_attention_inputs(q_BHTd, k_BHSd, v_BHSd, key_padding_mask_BS, attn_bias)
         T, S = q_BHTd.size(2), k_BHSd.size(2)
+        if isinstance(attn_bias, OffsetBias):
+            attn_bias = attn_bias.dense(T, S, q_BHTd.device)
         if key_padding_mask_BS is None and attn_bias is None and (not causal or T == S):
             # SDPA's is_causal is top-left aligned, which equals ours only when T == S.
             return F.scaled_dot_product_attention(
-                q_BHTd, k_BHSd, v_BHSd, dropout_p=dropout_p, is_causal=causal
+                q_BHTd, k_BHSd, v_BHSd, dropout_p=dropout_p, is_causal=causal, scale=scale
             )
 
         # allowed: bool broadcastable to [B, H, T, S], True = may attend. None = all allowed.
@@ -169,7 +248,7 @@ class DenseAttention(AttentionKernel):
             # where() broadcasts both sides: a per-head bias meets a per-batch padding mask.
             mask = bias if allowed is None else torch.where(allowed, bias, float("-inf"))
         out_BHTd = F.scaled_dot_product_attention(
-            q_BHTd, k_BHSd, v_BHSd, attn_mask=mask, dropout_p=dropout_p
+            q_BHTd, k_BHSd, v_BHSd, attn_mask=mask, dropout_p=dropout_p, scale=scale
         )
         if row_ok is not None:
             out_BHTd = out_BHTd.masked_fill(~row_ok, 0.0)
@@ -177,10 +256,25 @@ class DenseAttention(AttentionKernel):
 
 
 ATTENTION_KERNELS: dict[str, type[AttentionKernel]] = {"dense": DenseAttention}
-"""Kernel classes by `model.attention.kind`. New kernels register here."""
+"""Kernel classes by `model.attention.kind`. New kernels register with
+`@register_attention_kernel(name)`; pretrain.model imports every kernel module, so the registry
+is complete whenever the model package is imported."""
+
+K = TypeVar("K", bound=type[AttentionKernel])
 
 
-def build_attention_kernel(cfg: AttentionConfig) -> AttentionKernel:
+def register_attention_kernel(name: str) -> Callable[[K], K]:
+    def register(kernel_cls: K) -> K:
+        if name in ATTENTION_KERNELS and ATTENTION_KERNELS[name] is not kernel_cls:
+            raise ValueError(f"attention kernel {name!r} is registered twice")
+        ATTENTION_KERNELS[name] = kernel_cls
+        return kernel_cls
+
+    return register
+
+
+def build_attention_kernel(cfg: AttentionConfig, layer: int = 0) -> AttentionKernel:
+    """The kernel of block `layer` (per-layer settings such as Longformer windows use it)."""
     try:
         kernel_cls = ATTENTION_KERNELS[cfg.kind]
     except KeyError:
@@ -188,7 +282,7 @@ def build_attention_kernel(cfg: AttentionConfig) -> AttentionKernel:
             f"model.attention.kind={cfg.kind!r} is not a known attention kernel; "
             f"choose one of {sorted(ATTENTION_KERNELS)}"
         ) from None
-    return kernel_cls.from_config(cfg)
+    return kernel_cls.from_config(cfg, layer)
 
 
 class KVCache:
@@ -218,8 +312,7 @@ class MultiHeadAttention(nn.Module):
 
     Self-attention (cross=False): q, k, v all come from x_BTD. Cross-attention (cross=True): q
     from x_BTD, k and v from context_BSD (the encoder output in T5), which is then required.
-    scale_scores=False leaves the scores q.k unscaled (T5): q is multiplied by sqrt(d) before
-    the kernel, whose 1/sqrt(d) then cancels, so every kernel serves both conventions.
+    scale_scores=False leaves the scores q.k unscaled (T5): the kernel is called with scale=1.
     """
 
     def __init__(
@@ -243,12 +336,23 @@ class MultiHeadAttention(nn.Module):
         self.cross = cross
         self.scale_scores = scale_scores
         self.attn_dropout = attn_dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
         self.kernel = kernel if kernel is not None else DenseAttention()
+        # One Linear per projection the kernel consumes, in the kernel's order (dense: q, k, v).
+        self.projection_names = list(dict.fromkeys(self.kernel.projections.values()))
+        for name in self.projection_names:
+            self.add_module(f"{name}_proj", nn.Linear(d_model, d_model, bias=bias))
+        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
+
+    def head_projections(self) -> list[nn.Linear]:
+        """The Linears whose output features are laid out by head (split by tensor
+        parallelism); o_proj's input features are split the same way."""
+        return [getattr(self, f"{name}_proj") for name in self.projection_names]
+
+    def query_projections(self) -> list[nn.Linear]:
+        """The head projections of the query input (q_proj, qk_proj, q_global_proj, ...)."""
+        names = {name for arg, name in self.kernel.projections.items() if arg.startswith("q")}
+        return [getattr(self, f"{name}_proj") for name in self.projection_names if name in names]
 
     def _split_heads(self, x_BTE: Tensor) -> Tensor:
         B, T, E = x_BTE.shape
@@ -261,11 +365,15 @@ class MultiHeadAttention(nn.Module):
         context_BSD: Tensor | None = None,
         causal: bool,
         key_padding_mask_BS: Tensor | None = None,
-        attn_bias: Tensor | None = None,
+        attn_bias: Tensor | OffsetBias | None = None,
         kv_cache: KVCache | None = None,
+        **kernel_inputs: Tensor | None,
     ) -> Tensor:
-        """kv_cache (self-attention only): append this call's keys and values to it and attend
-        over all of them; key_padding_mask_BS and attn_bias then cover the cached keys too."""
+        """kv_cache (self-attention with a kernel that scores all pairs): append this call's
+        keys and values to it and attend over all of them; key_padding_mask_BS and attn_bias
+        then cover the cached keys too. kernel_inputs: extra inputs of the kernel, passed
+        through (e.g. Longformer's global_mask_BT [B, T], True where a token attends
+        globally)."""
         if self.cross and context_BSD is None:
             raise ValueError("cross-attention needs context_BSD (the sequence to attend to)")
         if not self.cross and context_BSD is not None:
@@ -274,21 +382,32 @@ class MultiHeadAttention(nn.Module):
             )
         src_BSD = context_BSD if self.cross else x_BTD
 
-        q_BHTd = self._split_heads(self.q_proj(x_BTD))
-        k_BHSd = self._split_heads(self.k_proj(src_BSD))
-        v_BHSd = self._split_heads(self.v_proj(src_BSD))
+        heads: dict[tuple[str, bool], Tensor] = {}  # (projection, of the query input) -> heads
+        args: dict[str, Tensor] = {}
+        for arg, name in self.kernel.projections.items():
+            query_side = arg.startswith("q") or src_BSD is x_BTD
+            if (name, query_side) not in heads:
+                proj = getattr(self, f"{name}_proj")
+                heads[name, query_side] = self._split_heads(proj(x_BTD if query_side else src_BSD))
+            args[arg] = heads[name, query_side]
         if kv_cache is not None:
-            k_BHSd, v_BHSd = kv_cache.update(k_BHSd, v_BHSd)
-        if not self.scale_scores:
-            q_BHTd = q_BHTd * math.sqrt(self.head_dim)
+            if not self.kernel.scores_all_pairs:
+                raise ValueError(
+                    f"{type(self.kernel).__name__} needs the whole sequence at once: a KV cache "
+                    "works with model.attention.kind=dense only (recompute the sequence instead)"
+                )
+            args["k"], args["v"] = kv_cache.update(args["k"], args["v"])
         out_BHTd = self.kernel(
-            q_BHTd,
-            k_BHSd,
-            v_BHSd,
+            args.pop("q"),
+            args.pop("k"),
+            args.pop("v"),
             causal=causal,
             key_padding_mask_BS=key_padding_mask_BS,
             attn_bias=attn_bias,
             dropout_p=self.attn_dropout if self.training else 0.0,
+            scale=None if self.scale_scores else 1.0,
+            **args,
+            **kernel_inputs,
         )
         B, H, T, d = out_BHTd.shape
         out_BTE = out_BHTd.transpose(1, 2).reshape(B, T, H * d)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.config import ModelConfig
-from pretrain.model.blocks import TransformerStack
+from pretrain.model.blocks import TransformerStack, self_attention_context
 from pretrain.model.flops import transformer_flops_per_token
 from pretrain.model.layers import (
     LearnedPositions,
@@ -164,7 +164,9 @@ class BERT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """6 N + 12 L H Q T (flops.py); counts the head on every token, an upper bound."""
+        """6 N + 12 L H Q T (flops.py); counts the head on every token, an upper bound. T: the
+        keys each query is scored against (seq_len for dense attention)."""
         return transformer_flops_per_token(
             n_params=self.num_params(non_embedding=True), n_layer=self.cfg.n_layer,
-            n_head=self.cfg.n_head, head_dim=self.cfg.d_model // self.cfg.n_head, seq_len=seq_len)
+            n_head=self.cfg.n_head, head_dim=self.cfg.d_model // self.cfg.n_head,
+            seq_len=self_attention_context(self, seq_len))

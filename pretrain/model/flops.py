@@ -24,11 +24,13 @@ from __future__ import annotations
 
 
 def transformer_flops_per_token(
-    *, n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int
+    *, n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: float
 ) -> float:
     """Training FLOPs (forward + backward) per token: 6 N + 12 L H Q T.
 
-    n_params: non-embedding parameter count N; seq_len: attention context T.
+    n_params: non-embedding parameter count N; seq_len: attention context T, the keys each
+    query is scored against (the sequence length for dense attention; for sliding-window or
+    LSH attention the keys of its window, see AttentionKernel.keys_per_query).
     """
     return 6.0 * n_params + 12.0 * n_layer * n_head * head_dim * seq_len
 

@@ -1,8 +1,11 @@
 """GPT: a decoder-only causal language model in the GPT-2 layout (Radford et al. 2019).
 
     tokens -> wte + wpe -> dropout -> n_layer x block -> ln_f -> lm_head -> logits
-    block (blocks.py, pre-norm):  x = x + attn(ln_1(x))   (causal self-attention)
-                                  x = x + mlp(ln_2(x))    (feed-forward)
+    block (blocks.py, pre-norm):  x = x + attn(ln_1(x))   (causal self-attention: dense,
+                                                           Longformer or LSH)
+                                  x = x + mlp(ln_2(x))    (feed-forward, optionally chunked)
+    model.reversible: two residual streams, x1 += attn(ln_1(x2)); x2 += mlp(ln_2(x1)), output
+                      (x1 + x2) / 2, activations recomputed in backward (blocks.py)
 
 With the defaults of `model:` this is GPT-2 exactly: pre-LayerNorm, GELU with the tanh
 approximation (GPT-2's `gelu_new`, so logits match Hugging Face GPT2LMHeadModel; see
@@ -14,8 +17,8 @@ Init as GPT-2: every Linear/Embedding weight ~ N(0, init_std), biases 0, norms 1
 two residual output projections of each block (attn.o_proj, mlp.c_proj) ~ N(0, init_std /
 sqrt(2 n_layer)), so the residual stream's variance does not grow with depth.
 
-Generation passes one KVCache per block (attention.py); positions then start after the cached
-tokens.
+Generation passes one KVCache per block (attention.py; dense attention only); positions then
+start after the cached tokens.
 
 Shape legend: B batch, T sequence length, D d_model, V vocabulary.
 """
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 
 from pretrain.config import ModelConfig
 from pretrain.model.attention import KVCache
-from pretrain.model.blocks import build_block
+from pretrain.model.blocks import build_block, run_blocks, self_attention_context
 from pretrain.model.flops import transformer_flops_per_token
 from pretrain.model.layers import (
     LearnedPositions,
@@ -56,7 +59,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
         self.wpe = build_positions(cfg.positions, cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(build_block(cfg) for _ in range(cfg.n_layer))
+        self.h = nn.ModuleList(build_block(cfg, layer) for layer in range(cfg.n_layer))
         self.ln_f = build_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -91,8 +94,8 @@ class GPT(nn.Module):
         tok_BTD = self.wte(input_ids)
         pos_TD = self.wpe(T, offset).to(tok_BTD.dtype)
         x_BTD = self.drop(tok_BTD + pos_TD)
-        for i, block in enumerate(self.h):
-            x_BTD = block(x_BTD, causal=True, kv_cache=kv_caches[i] if kv_caches else None)
+        x_BTD = run_blocks(self.h, x_BTD, reversible=self.cfg.reversible, causal=True,
+                           kv_caches=kv_caches)
         x_BTD = self.ln_f(x_BTD)
         logits_BTV = self.lm_head(x_BTD)  # compute dtype; the loss upcasts to fp32
         if labels is None:
@@ -115,11 +118,13 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at context seq_len (PaLM: 6 N + 12 L H Q T, flops.py)."""
+        """Training FLOPs per token at context seq_len (PaLM: 6 N + 12 L H Q T, flops.py), where
+        T is the number of keys each query is scored against, averaged over the layers
+        (seq_len for dense attention, about 3 windows for Longformer)."""
         return transformer_flops_per_token(
             n_params=self.num_params(non_embedding=True),
             n_layer=self.cfg.n_layer,
             n_head=self.cfg.n_head,
             head_dim=self.cfg.d_model // self.cfg.n_head,
-            seq_len=seq_len,
+            seq_len=self_attention_context(self, seq_len),
         )

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from pretrain.config import ModelConfig
 from pretrain.model.bert import BERT
+from pretrain.model.hf_compat import hf_export_problems, require_hf_expressible
 from pretrain.model.layers import LearnedPositions
 
 if TYPE_CHECKING:
@@ -38,14 +39,13 @@ def export_problems(cfg: ModelConfig) -> list[str]:
         out.append("model.gated_ffn=true: BERT's feed-forward is not gated")
     if not cfg.scale_attn_scores:
         out.append("model.scale_attn_scores=false: BERT scales attention scores by 1/sqrt(d)")
-    if cfg.attention.kind != "dense":
-        out.append(f"model.attention.kind={cfg.attention.kind!r}: BERT has dense attention only")
-    return out
+    return out + hf_export_problems(cfg)
 
 
 def hf_config(model: BERT, *, pad_token_id: int | None = None) -> "BertConfig":
     from transformers import BertConfig
 
+    require_hf_expressible(hf_class_name(model.cfg), export_problems(model.cfg))
     cfg = model.cfg
     return BertConfig(
         vocab_size=model.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
@@ -99,6 +99,7 @@ def _names(cfg: ModelConfig) -> dict[str, str]:
 def to_hf_state_dict(model: BERT) -> dict[str, Tensor]:
     """The Hugging Face state dict of `model` (new contiguous tensors; zeros where we have no
     bias, the sinusoidal table as the position table)."""
+    require_hf_expressible(hf_class_name(model.cfg), export_problems(model.cfg))
     ours = dict(model.state_dict())
     if not isinstance(model.embeddings.wpe, LearnedPositions):
         ours["embeddings.wpe.weight"] = model.embeddings.wpe.table

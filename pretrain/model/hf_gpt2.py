@@ -32,6 +32,7 @@ from torch import Tensor
 
 from pretrain.config import ModelConfig
 from pretrain.model.gpt import GPT
+from pretrain.model.hf_compat import hf_export_problems, require_hf_expressible
 from pretrain.model.layers import LearnedPositions
 
 if TYPE_CHECKING:
@@ -50,9 +51,7 @@ def export_problems(cfg: ModelConfig) -> list[str]:
         out.append(f"model.norm_position={cfg.norm_position!r}: GPT-2 blocks are pre-norm")
     if cfg.gated_ffn:
         out.append("model.gated_ffn=true: GPT-2's feed-forward is not gated")
-    if cfg.attention.kind != "dense":
-        out.append(f"model.attention.kind={cfg.attention.kind!r}: GPT-2 has dense attention only")
-    return out
+    return out + hf_export_problems(cfg)
 
 
 def hf_class_name(cfg: ModelConfig) -> str:
@@ -63,6 +62,7 @@ def gpt_to_hf_config(model: GPT, *, eos_token_id: int | None = None) -> "GPT2Con
     """The GPT2Config describing `model` (dropouts copied; call .eval() for inference)."""
     from transformers import GPT2Config
 
+    require_hf_expressible("GPT2LMHeadModel", export_problems(model.cfg))
     cfg = model.cfg
     return GPT2Config(
         vocab_size=model.vocab_size,
@@ -92,9 +92,7 @@ def _bias_or_zeros(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
 @torch.no_grad()
 def gpt_to_hf_state_dict(model: GPT) -> dict[str, Tensor]:
     """GPT2LMHeadModel state dict holding `model`'s weights (new contiguous tensors)."""
-    problems = export_problems(model.cfg)
-    if problems:
-        raise ValueError("GPT2LMHeadModel cannot express " + "; ".join(problems))
+    require_hf_expressible("GPT2LMHeadModel", export_problems(model.cfg))
     sd: dict[str, Tensor] = {}
     wte = model.wte.weight
     sd["transformer.wte.weight"] = wte

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from pretrain.config import ModelConfig
+from pretrain.model.hf_compat import hf_export_problems, require_hf_expressible
 from pretrain.model.t5 import T5
 
 if TYPE_CHECKING:
@@ -57,19 +58,18 @@ def export_problems(cfg: ModelConfig) -> list[str]:
     if (cfg.activation, cfg.gated_ffn) not in _FF_PROJ:
         out.append(f"model.activation={cfg.activation!r} with gated_ffn={cfg.gated_ffn}: T5's "
                    f"feed_forward_proj names {sorted(_FF_PROJ.values())}")
-    if cfg.attention.kind != "dense":
-        out.append(f"model.attention.kind={cfg.attention.kind!r}: T5 has dense attention only")
     if not cfg.tie_embeddings and _head_tied_always():
         import transformers
 
         out.append(f"model.tie_embeddings=false: transformers {transformers.__version__} always "
                    "ties T5's lm_head to the shared embedding")
-    return out
+    return out + hf_export_problems(cfg)
 
 
 def hf_config(model: T5, *, pad_token_id: int, eos_token_id: int) -> "T5Config":
     from transformers import T5Config
 
+    require_hf_expressible(hf_class_name(model.cfg), export_problems(model.cfg))
     cfg = model.cfg
     return T5Config(
         vocab_size=model.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_model // cfg.n_head,
@@ -116,6 +116,7 @@ def _names(cfg: ModelConfig) -> dict[str, str]:
 
 @torch.no_grad()
 def to_hf_state_dict(model: T5) -> dict[str, Tensor]:
+    require_hf_expressible(hf_class_name(model.cfg), export_problems(model.cfg))
     ours = model.state_dict()
     sd = {theirs: ours[name] for name, theirs in _names(model.cfg).items()}
     sd["encoder.embed_tokens.weight"] = sd["decoder.embed_tokens.weight"] = sd["shared.weight"]

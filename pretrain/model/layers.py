@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------- positions
@@ -117,6 +118,16 @@ class RelativePositionBias(nn.Module):
         far = (exact + (log_ratio * (n - exact)).long()).clamp(max=n - 1)
         return buckets + torch.where(distance < exact, distance, far)
 
+    def of_offsets(self, offsets: Tensor) -> Tensor:
+        """Bias [H, ...] at offsets key - query, int64 [H | 1, ...] (per head, or the same for
+        all heads): the function of an attention.OffsetBias, which long-context kernels
+        evaluate on the pairs they score."""
+        buckets = self.bucket(offsets)
+        if buckets.size(0) == 1:  # the same offsets for every head: [..., H] -> [H, ...]
+            return self.relative_attention_bias(buckets[0]).movedim(-1, 0)
+        table_HN = self.relative_attention_bias.weight.t()  # head h's bias of bucket n
+        return table_HN.gather(1, buckets.reshape(buckets.size(0), -1)).view(buckets.shape)
+
     def forward(self, q_len: int, k_len: int, offset: int = 0) -> Tensor:
         """Bias [1, H, T, S] for queries at positions offset..offset+T-1 and keys 0..S-1."""
         device = self.relative_attention_bias.weight.device
@@ -144,9 +155,30 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"unknown activation {activation!r}; use gelu_tanh, gelu or relu")
 
 
+def run_in_chunks(fn, x_BTD: Tensor, chunk_size: int | None) -> Tensor:
+    """fn over the positions of x, chunk_size at a time (Reformer's chunked feed-forward). With
+    autograd on, each chunk is checkpointed (recomputed in backward), so fn's [B, T, F] hidden
+    activation never exists whole, in forward or backward. Same function, same dropout masks
+    (the checkpoint restores the RNG), one more forward of fn in backward. None: all at once."""
+    if chunk_size is None or x_BTD.size(1) <= chunk_size:
+        return fn(x_BTD)
+    chunks = x_BTD.split(chunk_size, dim=1)
+    if torch.is_grad_enabled():
+        outs = [checkpoint(fn, c, use_reentrant=False) for c in chunks]
+    else:
+        outs = [fn(c) for c in chunks]
+    return torch.cat(outs, dim=1)
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+
+
 class FeedForward(nn.Module):
     """Position-wise MLP: c_proj(act(c_fc(x))) then dropout. Names follow GPT-2 (mlp.c_fc,
-    mlp.c_proj); c_proj is a residual output projection (scaled init)."""
+    mlp.c_proj); c_proj is a residual output projection (scaled init). chunk_size: see
+    `run_in_chunks` (model.ff_chunk_size)."""
 
     def __init__(
         self,
@@ -156,22 +188,29 @@ class FeedForward(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         activation: Activation = "gelu_tanh",
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         _check_activation(activation)
+        _check_chunk_size(chunk_size)
         self.activation = activation
+        self.chunk_size = chunk_size
         self.c_fc = nn.Linear(d_model, d_ff, bias=bias)
         self.c_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
+        return run_in_chunks(self._mlp, x_BTD, self.chunk_size)
+
+    def _mlp(self, x_BTD: Tensor) -> Tensor:
         h_BTF = activate(self.c_fc(x_BTD), self.activation)
         return self.dropout(self.c_proj(h_BTF))
 
 
 class GatedFeedForward(nn.Module):
     """Gated MLP (Shazeer 2020, "GLU Variants"): c_proj(act(c_gate(x)) * c_fc(x)) then dropout.
-    With gelu_tanh this is T5 v1.1's gated-GELU (HF wi_0 = c_gate, wi_1 = c_fc, wo = c_proj)."""
+    With gelu_tanh this is T5 v1.1's gated-GELU (HF wi_0 = c_gate, wi_1 = c_fc, wo = c_proj).
+    chunk_size: see `run_in_chunks`."""
 
     def __init__(
         self,
@@ -181,25 +220,32 @@ class GatedFeedForward(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         activation: Activation = "gelu_tanh",
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         _check_activation(activation)
+        _check_chunk_size(chunk_size)
         self.activation = activation
+        self.chunk_size = chunk_size
         self.c_gate = nn.Linear(d_model, d_ff, bias=bias)
         self.c_fc = nn.Linear(d_model, d_ff, bias=bias)
         self.c_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
+        return run_in_chunks(self._mlp, x_BTD, self.chunk_size)
+
+    def _mlp(self, x_BTD: Tensor) -> Tensor:
         h_BTF = activate(self.c_gate(x_BTD), self.activation) * self.c_fc(x_BTD)
         return self.dropout(self.c_proj(h_BTF))
 
 
 def build_feed_forward(cfg) -> FeedForward | GatedFeedForward:
-    """The feed-forward of `model:` config (model.gated_ffn, activation, d_ff, bias, dropout)."""
+    """The feed-forward of `model:` config (model.gated_ffn, activation, d_ff, bias, dropout,
+    ff_chunk_size)."""
     cls = GatedFeedForward if cfg.gated_ffn else FeedForward
     return cls(cfg.d_model, cfg.ffn_width, bias=cfg.bias, dropout=cfg.dropout,
-               activation=cfg.activation)
+               activation=cfg.activation, chunk_size=cfg.ff_chunk_size)
 
 
 # ----------------------------------------------------------------------------- norms

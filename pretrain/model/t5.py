@@ -39,9 +39,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import ModelConfig
+from pretrain.config import AttentionConfig, ModelConfig
 from pretrain.model.attention import MultiHeadAttention
-from pretrain.model.blocks import TransformerStack
+from pretrain.model.blocks import TransformerStack, self_attention_context
 from pretrain.model.flops import transformer_flops_per_token
 from pretrain.model.layers import (
     NORM_TYPES,
@@ -70,7 +70,10 @@ class T5(nn.Module):
             self.wpe = build_positions(cfg.positions, cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = TransformerStack(cfg, cfg.n_layer, causal=False, cross=False)
-        self.decoder = TransformerStack(cfg, cfg.decoder_layers, causal=True, cross=True)
+        # The decoder's self-attention stays dense: its targets are short, and it is the
+        # encoder's input that grows with the context.
+        self.decoder = TransformerStack(cfg, cfg.decoder_layers, causal=True, cross=True,
+                                        attention=AttentionConfig(dropout=cfg.attention.dropout))
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.shared.weight
@@ -86,9 +89,10 @@ class T5(nn.Module):
         for module in self.modules():
             if isinstance(module, MultiHeadAttention):
                 q_std = (D * d) ** -0.5 if not module.scale_scores else D**-0.5
-                nn.init.normal_(module.q_proj.weight, std=q_std)
-                for lin in (module.k_proj, module.v_proj, module.o_proj):
-                    nn.init.normal_(lin.weight, std=D**-0.5)
+                queries = module.query_projections()  # q (LSH: the shared qk; global q)
+                for lin in (*module.head_projections(), module.o_proj):
+                    std = q_std if any(lin is q for q in queries) else D**-0.5
+                    nn.init.normal_(lin.weight, std=std)
             elif isinstance(module, (FeedForward, GatedFeedForward)):
                 for lin in (module.c_fc, getattr(module, "c_gate", None)):
                     if lin is not None:
@@ -174,9 +178,12 @@ class T5(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 N + 12 L H Q T (flops.py) with L = encoder + decoder blocks: an upper bound that
-        counts every token through both stacks (span corruption's targets are shorter)."""
+        counts every token through both stacks (span corruption's targets are shorter). T: the
+        keys each self-attention query is scored against, averaged over the blocks (seq_len
+        for dense attention; a long-context encoder's window)."""
         return transformer_flops_per_token(
             n_params=self.num_params(non_embedding=True),
             n_layer=self.cfg.n_layer + self.cfg.decoder_layers, n_head=self.cfg.n_head,
-            head_dim=self.cfg.d_model // self.cfg.n_head, seq_len=seq_len)
+            head_dim=self.cfg.d_model // self.cfg.n_head,
+            seq_len=self_attention_context(self, seq_len))
 
