@@ -26,10 +26,10 @@ from pretrain.config import AttentionConfig, ModelConfig
 from pretrain.config_io import ConfigError, load_config
 from pretrain.model import GPT, LongformerAttention, LSHAttention, MultiHeadAttention, build_model
 from pretrain.model import blocked
-from pretrain.model.attention import build_attention_kernel
+from pretrain.model.attention import OffsetBias, build_attention_kernel
 from pretrain.model.hf_compat import hf_export_problems
 from pretrain.model.hf_gpt2 import gpt_to_hf_state_dict
-from pretrain.model.layers import FeedForward
+from pretrain.model.layers import FeedForward, RelativePositionBias
 from pretrain.model.reversible import residual_two_stream, reversible_sequence
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 
@@ -42,8 +42,10 @@ from pretrain.parallel.activation_checkpoint import apply_activation_checkpointi
 def test_window_attention_gradcheck(group_bytes, ahead, save_probs, monkeypatch):
     """The hand-written backward (windows rebuilt and probabilities recomputed per group of
     blocks) against numerical derivatives in float64, through the output and the log-sum-exp,
-    with extra keys shared by all blocks, a row that sees no key (zeroed by the caller) and a
-    mask broadcast over heads; the values against a dense softmax over the same windows."""
+    with extra keys shared by all blocks, a row that sees no key (zeroed by the caller), a mask
+    broadcast over heads and an additive bias broadcast over heads and blocks (a relative
+    position bias; its gradient sums over both); the values against a dense softmax over the
+    same windows."""
     monkeypatch.setattr(blocked, "GROUP_BYTES", group_bytes)
     nb, b, d, G = 4, 3, 5, 2
     W = (3 if ahead else 2) * b + G
@@ -54,20 +56,22 @@ def test_window_attention_gradcheck(group_bytes, ahead, save_probs, monkeypatch)
     if ahead:
         allowed[..., -1, :, 2 * b: 3 * b] = False  # and the last no next one
     allowed[0, 0, 1, 2] = False  # a row with no key
+    bias = randn(1, 1, 1, b, W, seed=5, dtype=torch.float64)
 
-    def f(q, k, v, ek, ev):
+    def f(q, k, v, ek, ev, bias):
         out, lse, ok = blocked.window_attention(q, k, v, allowed, ahead=ahead, extra_k=ek,
-                                                extra_v=ev, need_lse=True, save_probs=save_probs)
+                                                extra_v=ev, need_lse=True, save_probs=save_probs,
+                                                bias=bias)
         return out.masked_fill(~ok, 0.0), lse.masked_fill(~ok, 0.0)
 
-    assert torch.autograd.gradcheck(f, (q, k, v, ek, ev), fast_mode=True)
+    assert torch.autograd.gradcheck(f, (q, k, v, ek, ev, bias), fast_mode=True)
     # dense reference: the window keys written out block by block
     k_win = torch.cat([blocked.neighbour_blocks(k, -3, ahead=ahead), ek.expand(1, 2, nb, G, d)],
                       dim=-2)
     v_win = torch.cat([blocked.neighbour_blocks(v, -3, ahead=ahead), ev.expand(1, 2, nb, G, d)],
                       dim=-2)
-    out, lse = f(q, k, v, ek, ev)
-    ref, ref_lse = masked_softmax_attention(q @ k_win.transpose(-1, -2), v_win, allowed)
+    out, lse = f(q, k, v, ek, ev, bias)
+    ref, ref_lse = masked_softmax_attention(q @ k_win.transpose(-1, -2) + bias, v_win, allowed)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(lse, ref_lse.masked_fill(~allowed.any(-1), 0.0)[..., None])
 
@@ -266,15 +270,17 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("kind", list(KERNELS))
 def test_memory_is_linear_no_tensor_is_T_by_T(kind):
-    """Forward + backward at 1k and 4k tokens: the largest tensor grows 4x (linear), and stays
-    far below one [T, T] score matrix."""
+    """Forward + backward at 1k and 4k tokens, with T5's relative position bias (evaluated on
+    the scored pairs only): the largest tensor grows 4x (linear), and stays far below one
+    [T, T] score matrix."""
     largest = {}
+    rel = RelativePositionBias(2, bidirectional=False)
     for T_ in (1024, 4096):
         kernel = (LongformerAttention(16, 2, [0]) if kind == "longformer"
                   else LSHAttention(n_hashes=2, n_buckets=16, chunk_len=16))
         qk, v = randn(1, 2, T_, 8, seed=0), randn(1, 2, T_, 8, seed=1)
         with LargestTensor() as mode:
-            out = kernel(qk, qk, v, causal=True)
+            out = kernel(qk, qk, v, causal=True, attn_bias=OffsetBias(rel.of_offsets))
             out.sum().backward()
         largest[T_] = mode.numel
         assert mode.numel < 2 * T_ * T_ / 8, (T_, mode.numel)  # 2 heads
