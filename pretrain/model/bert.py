@@ -1,8 +1,8 @@
 """BERT: a bidirectional encoder trained as a masked language model (Devlin et al. 2019).
 
     tokens -> embeddings: ln(wte + wpe + wtt(token types)) -> dropout
-           -> encoder: n_layer post-norm blocks (blocks.py), bidirectional self-attention,
-              padding keys masked                                              -> x [B, T, D]
+           -> encoder: n_layer post-norm blocks (blocks.py), bidirectional self-attention
+              (dense, Longformer or LSH), padding keys masked                  -> x [B, T, D]
     masked LM head:  ln(act(dense(x))) @ wte^T + bias -> logits [B, T, V]    (tied decoder)
     sentence head:   pooler tanh(dense(x[:, 0])) -> Linear(D, 2)             (nsp / sop only)
 

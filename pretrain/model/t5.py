@@ -5,9 +5,10 @@ the same code, the original Transformer (Vaswani et al. 2017).
     decoder_ids -> shared embedding [+ wpe] -> dropout -> decoder stack(enc) -> x [B, T, D]
     logits = lm_head(x * D^-0.5 if tied else x)                                    [B, T, V]
 
-    encoder block: bidirectional self-attention (input padding masked), feed-forward
-    decoder block: causal self-attention, cross-attention over enc (input padding masked),
-                   feed-forward                                         (blocks.py)
+    encoder block: bidirectional self-attention (input padding masked; dense, Longformer or
+                   LSH by model.attention.kind), feed-forward
+    decoder block: causal self-attention (dense), cross-attention over enc (dense, input
+                   padding masked), feed-forward                         (blocks.py)
 
 T5 (configs/models/t5-*.yaml): relative position bias (one table per stack, shared by its
 blocks, bidirectional in the encoder and looking back only in the decoder), RMSNorm in pre-norm
