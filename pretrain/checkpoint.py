@@ -137,9 +137,10 @@ class CheckpointManager:
     def read_train_state(self, step: int) -> dict:
         return json.loads((self.dir / tag_for(step) / TRAIN_STATE).read_text())
 
-    def load(self, engine, step: int) -> dict:
-        """Restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; returns the
-        train state (counters and loader state) for the caller to apply."""
+    def load(self, engine, step: int, *, with_rng: bool = True) -> dict:
+        """Restore model, optimizer, scheduler (DeepSpeed) and, `with_rng` (the same
+        process grid as the saving run), this rank's RNG; returns the train state (counters and
+        loader state) for the caller to apply."""
         tag = tag_for(step)
         load_path, _ = engine.load_checkpoint(
             str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -147,7 +148,7 @@ class CheckpointManager:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
         rng_file = self.dir / tag / f"rng-rank{self.rank:05d}.pt"
-        if rng_file.is_file():
+        if with_rng and rng_file.is_file():
             restore_rng(torch.load(rng_file, weights_only=True))
         return self.read_train_state(step)
 

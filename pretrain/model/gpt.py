@@ -30,10 +30,10 @@ from pretrain.model.flops import transformer_flops_per_token
 from pretrain.model.layers import (
     FeedForward,
     LearnedPositions,
+    LMCrossEntropy,
     ModelOutput,
     build_positions,
     layer_norm,
-    lm_cross_entropy,
 )
 
 
@@ -87,6 +87,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one Parameter, two uses
+        self.lm_loss = LMCrossEntropy()  # a module, so tensor parallelism can swap it
         self.init_weights()
 
     @torch.no_grad()
@@ -131,7 +132,7 @@ class GPT(nn.Module):
         logits_BTV = self.lm_head(x_BTD)  # compute dtype; the loss upcasts to fp32
         if targets is None:
             return ModelOutput(logits=logits_BTV)
-        loss, n_targets = lm_cross_entropy(logits_BTV, targets, ignore_index)
+        loss, n_targets = self.lm_loss(logits_BTV, targets, ignore_index)
         return ModelOutput(
             logits=logits_BTV if return_logits else None, loss=loss, n_targets=n_targets
         )

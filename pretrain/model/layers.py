@@ -161,3 +161,14 @@ def lm_cross_entropy(
     )
     n_targets = (targets_BT != ignore_index).sum()
     return total / n_targets.clamp(min=1), n_targets
+
+
+class LMCrossEntropy(nn.Module):
+    """`lm_cross_entropy` as a module, so that the loss can be swapped from outside the model:
+    tensor parallelism replaces it with a vocabulary-parallel cross-entropy that works on
+    vocabulary-split logits. No parameters, nothing in the state dict."""
+
+    def forward(
+        self, logits_BTV: Tensor, targets_BT: Tensor, ignore_index: int = -100
+    ) -> tuple[Tensor, Tensor]:
+        return lm_cross_entropy(logits_BTV, targets_BT, ignore_index)
