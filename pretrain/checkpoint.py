@@ -134,6 +134,10 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- loading ---------------------------------------------------------------------------
+    def has_rng(self, step: int) -> bool:
+        """Whether this rank's RNG file exists (not in converted checkpoints)."""
+        return (self.dir / tag_for(step) / f"rng-rank{self.rank:05d}.pt").is_file()
+
     def read_train_state(self, step: int) -> dict:
         return json.loads((self.dir / tag_for(step) / TRAIN_STATE).read_text())
 

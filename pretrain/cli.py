@@ -2,6 +2,7 @@
 
     pretrain prepare CONFIG [key=value ...] [--force]    raw text -> tokenizer, shards, manifest
     pretrain train   CONFIG [key=value ...] [--nproc N]  train (N local ranks through torchrun)
+    pretrain checkpoint consolidate|convert SRC ...      checkpoints of any grid (checkpoint_cli)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 import sys
 
+from pretrain import checkpoint_cli
 from pretrain.config_io import ConfigError, load_config
 
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t)
     t.add_argument("--nproc", type=int, default=None,
                    help="start this many local ranks with torchrun (default: this process only)")
+    checkpoint_cli.add_parser(sub)
     return parser
 
 
@@ -38,7 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Options may come anywhere among the overrides (`train CFG --nproc 2 a=1 b=2`)."""
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    if not argv or argv[0] not in commands:
+    if not argv or argv[0] not in commands or argv[0] == "checkpoint":
         return parser.parse_args(argv)  # --help, or the error for a missing/unknown command
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.sources import DataError
 
     try:
-        return {"prepare": cmd_prepare, "train": cmd_train}[args.command](args)
+        return {"prepare": cmd_prepare, "train": cmd_train,
+                "checkpoint": checkpoint_cli.main}[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -272,7 +272,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> list[tuple[st
         )
     if o.min_lr > o.lr:
         problems.append(("optim.min_lr", f"{o.min_lr} is above optim.lr={o.lr}"))
-    problems += _tensor_parallel_problems(cfg)
+    problems += tensor_parallel_problems(cfg)
     if p.offload_params and p.zero_stage != 3:
         problems.append(
             ("parallel.offload_params", f"needs parallel.zero_stage=3, got {p.zero_stage}")
@@ -313,7 +313,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> list[tuple[st
     return problems
 
 
-def _tensor_parallel_problems(cfg: Config) -> list[tuple[str, str]]:
+def tensor_parallel_problems(cfg: Config) -> list[tuple[str, str]]:
     """What the model and data need for parallel.tensor_parallel = n: n divides the heads, the
     feed-forward width and the vocabulary (and, for sequence parallelism, the sequence)."""
     m, p, n = cfg.model, cfg.parallel, cfg.parallel.tensor_parallel

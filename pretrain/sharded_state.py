@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from data_pipeline.format import atomic_write_text
+
 STATE_DIR = "state"
 ENGINE_STATE = "engine_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -247,7 +249,7 @@ class EngineState:
                 "loss_scaler": _scalars(getattr(self.optimizer, "loss_scaler", None)),
                 "grid": {"tensor_parallel": d.tp, "data_parallel": d.dp},
             }
-            (path / ENGINE_STATE).write_text(json.dumps(engine_state, indent=2))
+            atomic_write_text(path / ENGINE_STATE, json.dumps(engine_state, indent=2))
 
     def load_checkpoint(self, load_dir, tag=None, load_optimizer_states=True,
                         load_lr_scheduler_states=True):

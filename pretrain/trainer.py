@@ -211,8 +211,10 @@ class Trainer:
                               + "\nUse a new run.dir, or restore the settings above.")
         saved = state.get("grid", {"tensor_parallel": 1, "data_parallel": state["world_size"],
                                    "zero_stage": state["zero_stage"]})
-        same_grid = (saved["tensor_parallel"], saved["data_parallel"]) == (self.dims.tp,
-                                                                          self.dims.dp)
+        # Per-rank RNG streams carry over only to the same grid (and are not in converted
+        # checkpoints); otherwise they restart from a seed derived from the step.
+        same_grid = (saved["tensor_parallel"], saved["data_parallel"]) == (
+            self.dims.tp, self.dims.dp) and self.ckpt.has_rng(latest)
         if saved != self._grid() and self.env.is_main:
             print(f"[pretrain] resuming {where} on another shape: saved by "
                   f"{_shape(saved)}, loading into {_shape(self._grid())}", flush=True)
