@@ -1,0 +1,245 @@
+"""Tensor parallelism against the dense model: layers, cross-entropy, whole GPT, RNG, the grid.
+
+Multi-process cases run real gloo process groups (torch.multiprocessing.spawn); every rank
+asserts, and a failed assertion in any rank fails the test with its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+from launch.env import free_port
+from pretrain.config import Config, ModelConfig, validate_config
+from pretrain.model import build_model
+from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
+from pretrain.parallel.dims import GridError, ParallelDims
+from pretrain.parallel.tensor_parallel import TensorParallelError, apply_tensor_parallel
+from pretrain.parallel.tp_comm import copy_to_tp
+from pretrain.parallel.tp_layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallelRNG,
+    VocabParallelCrossEntropy,
+    VocabParallelEmbedding,
+)
+
+TINY = dict(n_layer=2, n_head=4, d_model=64, max_seq_len=32)
+VOCAB = 128
+
+
+def spawn(fn, world: int, *args) -> None:
+    mp.spawn(_bootstrap, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def _bootstrap(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(ParallelDims.from_world(world, rank, world).build_groups(), *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather(t: torch.Tensor, group) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _check_layers(dims: ParallelDims) -> None:
+    g, r, n = dims.tp_group, dims.tp_rank, dims.tp
+    torch.manual_seed(0)
+
+    # feed-forward: column-parallel then row-parallel == dense, forward and backward
+    fc, proj = nn.Linear(16, 32), nn.Linear(32, 16)
+    x = torch.randn(2, 4, 16, requires_grad=True)
+    dense = proj(F.gelu(fc(x)))
+    dense.square().sum().backward()
+    col, row = ColumnParallelLinear.from_dense(fc, g), RowParallelLinear.from_dense(proj, g)
+    x_tp = x.detach().clone().requires_grad_()
+    y = row(F.gelu(col(copy_to_tp(x_tp, g))))
+    y.square().sum().backward()
+    assert_close(y, dense)
+    assert_close(x_tp.grad, x.grad)
+    assert_close(col.weight.grad, fc.weight.grad.chunk(n, 0)[r])
+    assert_close(col.bias.grad, fc.bias.grad.chunk(n, 0)[r])
+    assert_close(row.weight.grad, proj.weight.grad.chunk(n, 1)[r])
+    assert_close(row.bias.grad, proj.bias.grad)
+    assert col.weight.tensor_model_parallel and col.weight.partition_dim == 0
+    assert row.weight.partition_dim == 1 and not hasattr(row.bias, "tensor_model_parallel")
+
+    # vocabulary-parallel embedding == nn.Embedding
+    emb = nn.Embedding(64, 8)
+    ids = torch.randint(0, 64, (3, 5))
+    out = emb(ids)
+    (out * torch.arange(8.0)).sum().backward()
+    vp = VocabParallelEmbedding.from_dense(emb, g)
+    out_tp = vp(ids)
+    (out_tp * torch.arange(8.0)).sum().backward()
+    assert_close(out_tp, out)
+    assert_close(vp.weight.grad, emb.weight.grad.chunk(n, 0)[r])
+
+    # vocabulary-parallel cross-entropy == F.cross_entropy, with ignored targets
+    logits = (3 * torch.randn(3, 5, 64)).requires_grad_()
+    targets = torch.randint(0, 64, (3, 5))
+    targets[0, :2] = -100
+    ref = F.cross_entropy(logits.reshape(-1, 64), targets.reshape(-1), ignore_index=-100)
+    ref.backward()
+    local = logits.detach().chunk(n, -1)[r].clone().requires_grad_()
+    loss, count = VocabParallelCrossEntropy(g, 64 // n)(local, targets)
+    loss.backward()
+    assert_close(loss, ref)
+    assert count.item() == 13
+    assert_close(local.grad, logits.grad.chunk(n, -1)[r])
+    # every target ignored: loss 0 and zero gradient, not NaN
+    none = VocabParallelCrossEntropy(g, 64 // n)(local, torch.full_like(targets, -100))[0]
+    assert none.item() == 0.0
+
+
+def _check_gpt(dims: ParallelDims, sequence_parallel: bool) -> None:
+    """The split GPT computes the dense GPT's loss and gradients; the init is the dense one."""
+    g, r, n = dims.tp_group, dims.tp_rank, dims.tp
+    cfg = ModelConfig(**TINY)
+    torch.manual_seed(0)
+    dense = build_model(cfg, VOCAB)
+    torch.manual_seed(0)
+    split = apply_tensor_parallel(build_model(cfg, VOCAB), dims,
+                                  sequence_parallel=sequence_parallel)
+    assert isinstance(split.wte, VocabParallelEmbedding) and split.lm_head.weight is split.wte.weight
+    assert split.h[0].attn.n_head == 4 // n
+
+    # same seed -> the shards are slices of the dense weights (init independent of TP)
+    dense_params = dict(dense.named_parameters())
+    for name, p in split.named_parameters():
+        if getattr(p, "tensor_model_parallel", False):
+            assert_close(torch.cat(_gather(p.detach(), g), p.partition_dim),
+                         dense_params[name].detach(), atol=0, rtol=0)
+        else:
+            assert_close(p, dense_params[name], atol=0, rtol=0)
+
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
+    out_d = dense(ids[:, :-1], ids[:, 1:])
+    out_d.loss.backward()
+    out_t = split(ids[:, :-1], ids[:, 1:])
+    out_t.loss.backward()
+    assert_close(out_t.loss, out_d.loss)
+    for name, p in split.named_parameters():
+        grad = dense_params[name].grad
+        if getattr(p, "tensor_model_parallel", False):
+            grad = grad.chunk(n, p.partition_dim)[r]
+        assert_close(p.grad, grad, atol=2e-6, rtol=1e-4, msg=name)
+
+
+def _check_all(dims: ParallelDims) -> None:
+    _check_layers(dims)
+    _check_gpt(dims, sequence_parallel=False)
+    _check_gpt(dims, sequence_parallel=True)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_layers_and_gpt_match_dense(tp):
+    spawn(_check_all, tp)
+
+
+# ----------------------------------------------------------------------------- randomness
+
+
+def _check_rng(dims: ParallelDims) -> None:
+    g = dims.tp_group
+    # a module under TensorParallelRNG draws its own stream per TP rank, and consumes exactly
+    # one draw of the default stream (which stays equal on every rank)
+    drop = nn.Dropout(0.5)
+    TensorParallelRNG(dims.tp_rank).attach(drop)
+    torch.manual_seed(7)
+    mask = drop(torch.ones(256))
+    after = torch.rand(3)
+    masks, afters = _gather(mask, g), _gather(after, g)
+    assert not torch.equal(masks[0], masks[1])
+    assert torch.equal(afters[0], afters[1])
+    torch.manual_seed(7)
+    torch.randint(0, 2**62, (1,))
+    assert torch.equal(torch.rand(3), after)
+
+    # with dropout everywhere, activation checkpointing recomputes the same masks
+    cfg = ModelConfig(**TINY, dropout=0.1, attention={"dropout": 0.1})
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = apply_tensor_parallel(build_model(cfg, VOCAB), dims, sequence_parallel=True)
+        if checkpointing:
+            apply_activation_checkpointing(model)
+        torch.manual_seed(3)
+        ids = torch.randint(0, VOCAB, (2, 17))
+        loss = model(ids[:, :-1], ids[:, 1:]).loss
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+        # replicated activations drew the same masks on both ranks: the loss agrees
+        losses = _gather(loss.detach().reshape(1), g)
+        assert torch.equal(losses[0], losses[1])
+    for a, b in zip(*grads):
+        assert_close(a, b, atol=0, rtol=0)
+
+
+def test_dropout_streams_per_tp_rank_survive_recomputation():
+    spawn(_check_rng, 2)
+
+
+# ----------------------------------------------------------------------------- grid, config
+
+
+def test_parallel_dims_layout_and_mpu():
+    d = ParallelDims.from_world(2, rank=5, world_size=8, local_world_size=4)
+    assert (d.tp, d.dp, d.tp_rank, d.dp_rank) == (2, 4, 1, 2)
+    assert d.tp_ranks() == [4, 5] and d.dp_ranks() == [1, 3, 5, 7]
+    assert d.get_model_parallel_rank() == 1 and d.get_data_parallel_world_size() == 4
+    assert d.get_tensor_model_parallel_src_rank() == 4
+
+
+def test_parallel_dims_refuse_bad_grids():
+    with pytest.raises(GridError, match="tensor_parallel=4 does not divide the world size 6"):
+        ParallelDims.from_world(4, 0, 6, 6)
+    # 2 nodes of 4 ranks: TP=8 would span both, TP=3 does not fit a node's 4 ranks
+    with pytest.raises(GridError, match="tensor_parallel_across_nodes=true"):
+        ParallelDims.from_world(8, 0, 8, 4)
+    assert ParallelDims.problems(8, 8, 4, across_nodes=True) == []
+    assert ParallelDims.problems(2, 8, 4) == []
+    assert len(ParallelDims.problems(3, 12, 4)) == 1
+
+
+def test_config_names_every_tensor_parallel_problem():
+    cfg = Config(model=ModelConfig(n_head=6, d_model=96, d_ff=102, pad_vocab_multiple=6),
+                 parallel={"tensor_parallel": 4, "sequence_parallel": True})
+    cfg.data.seq_len = 30
+    problems = dict(validate_config(cfg, world_size=8))
+    messages = " | ".join(f"{k}: {m}" for k, m in validate_config(cfg, world_size=8))
+    assert "does not divide model.n_head=6" in messages
+    assert "feed-forward width 102" in messages
+    assert "model.pad_vocab_multiple" in problems
+    assert "data.seq_len=30" in messages
+    cfg.parallel.tensor_parallel = 2
+    cfg.model.d_ff = 128
+    cfg.model.pad_vocab_multiple = 64
+    assert validate_config(cfg, world_size=8) == []
+
+
+def test_a_model_without_a_plan_is_refused():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+    dims = ParallelDims(tp=2, dp=1, rank=0, world_size=2)
+    with pytest.raises(TensorParallelError, match="no tensor-parallel plan for Tiny"):
+        apply_tensor_parallel(Tiny(), dims)
