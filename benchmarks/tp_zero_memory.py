@@ -2,11 +2,16 @@
 
 Each grid runs as real processes (gloo, CPU): the model is built whole from the seed, split by
 apply_tensor_parallel, handed to DeepSpeed with our generated config and mpu, and trained for a
-few steps on random tokens. A thread samples the process's resident memory (RSS) every
-millisecond; the figure is the peak over model split + engine setup + steps, minus the RSS just
-before the model was built (imports, process group and DeepSpeed's runtime excluded). glibc is
-told to serve every allocation of 64 KiB or more with mmap (MALLOC_MMAP_THRESHOLD_), so freed
-tensors leave the RSS at once: the whole model built before the split does not linger.
+few steps on random tokens. glibc is told to serve every allocation of 64 KiB or more with mmap
+(MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the resident memory (RSS) at once.
+
+What is measured: the RSS right after backward and right after the optimizer step of the last
+steps (when parameters, gradients and Adam states all exist), after garbage collection, for two
+depths of the same model (--layers and 2 x --layers). The difference between the two, over the
+difference in parameters this rank holds, is the memory per parameter: fixed costs (Python,
+torch, DeepSpeed's runtime and its fixed-size communication buckets) cancel out. The peak RSS
+over the whole run (which also holds ZeRO-3's gathered layers and other transients) is printed
+for reference.
 
 Prediction, fp32 (this is CPU: 4-byte weights and gradients), Psi_r = parameters this rank
 holds after the tensor-parallel split (split weights / tp + replicated ones), D = data-parallel
@@ -114,16 +119,23 @@ def worker(rank: int, world: int, port: int, args, tp: int, zero: int, out: str)
         engine, _ = init_engine(model, build_optimizer(cfg, param_groups(model, 0.1)), None,
                                 build_ds_config(cfg, world, "fp32"), mpu=dims)
         gen = torch.Generator().manual_seed(dims.dp_rank)
-        for _ in range(args.steps):
+        state = 0
+        for step in range(args.steps):
             ids = torch.randint(0, args.vocab, (1, args.seq + 1), generator=gen)
             engine.backward(engine(ids[:, :-1], ids[:, 1:]).loss)
+            if step >= 1:  # Adam's states exist from the first step on
+                gc.collect()
+                state = max(state, rss())
             engine.step()
-    peak = torch.tensor([sampler.peak - base], dtype=torch.float64)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            if step >= 1:
+                gc.collect()
+                state = max(state, rss())
+    got = torch.tensor([state - base, sampler.peak - base], dtype=torch.float64)
+    dist.all_reduce(got, op=dist.ReduceOp.MAX)
     if rank == 0:
         Path(out).write_text(json.dumps({
-            "tp": tp, "dp": dims.dp, "zero": zero, "psi_r": psi_r,
-            "measured": peak.item(), "predicted": predicted_bytes(psi_r, zero, dims.dp)}))
+            "tp": tp, "dp": dims.dp, "zero": zero, "layers": args.layers, "psi_r": psi_r,
+            "state": got[0].item(), "peak": got[1].item()}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -145,31 +157,44 @@ def main() -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])
     from launch.env import free_port
 
-    rows = []
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for tp in args.tp:
             for zero in args.zero:
-                out = os.path.join(tmp, f"{tp}-{zero}.json")
-                mp.spawn(worker, args=(tp * args.dp, free_port(), args, tp, zero, out),
-                         nprocs=tp * args.dp, join=True)
-                rows.append(json.loads(Path(out).read_text()))
-                print(json.dumps(rows[-1]), flush=True)
-    base = next(r for r in rows if r["tp"] == 1 and r["zero"] == 0) if any(
-        r["tp"] == 1 and r["zero"] == 0 for r in rows) else rows[0]
+                for layers in (args.layers, 2 * args.layers):
+                    out = os.path.join(tmp, "result.json")
+                    run = argparse.Namespace(**{**vars(args), "layers": layers})
+                    mp.spawn(worker, args=(tp * args.dp, free_port(), run, tp, zero, out),
+                             nprocs=tp * args.dp, join=True)
+                    rows[tp, zero, layers] = json.loads(Path(out).read_text())
+                    print(json.dumps(rows[tp, zero, layers]), flush=True)
+    table = []
+    for tp in args.tp:
+        for zero in args.zero:
+            small, big = rows[tp, zero, args.layers], rows[tp, zero, 2 * args.layers]
+            d_psi = big["psi_r"] - small["psi_r"]
+            table.append({"tp": tp, "zero": zero, "psi_r": big["psi_r"], "peak": big["peak"],
+                          "measured": (big["state"] - small["state"]) / d_psi,
+                          "predicted": predicted_bytes(1, zero, args.dp),
+                          "measured_total": (big["state"] - small["state"]) / d_psi * big["psi_r"]})
+    base = table[0]  # the first grid: TP1 ZeRO-0 by default
     print(f"\nmachine: {platform.node()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
           f"{datetime.date.today()}")
-    print(f"model: d={args.d_model}, {args.layers} layers, {args.heads} heads, vocab "
-          f"{args.vocab}; fp32; DP={args.dp}; peak RSS over split + engine + {args.steps} steps")
-    print(f"{'grid':<14}{'Psi_r (M)':>10}{'measured MiB':>14}{'predicted MiB':>15}"
-          f"{'shrink meas.':>14}{'shrink pred.':>14}{'diff':>8}")
+    print(f"model: d={args.d_model}, {args.layers} vs {2 * args.layers} layers, {args.heads} "
+          f"heads, vocab {args.vocab}; fp32; DP={args.dp}; {args.steps} steps")
+    print(f"shrink relative to TP{base['tp']} ZeRO-{base['zero']}; Psi_r and memory of the "
+          f"{2 * args.layers}-layer model")
+    print(f"{'grid':<12}{'Psi_r (M)':>10}{'B/param meas.':>15}{'B/param pred.':>15}"
+          f"{'MiB/rank':>10}{'shrink meas.':>14}{'shrink pred.':>14}{'diff':>8}{'peak MiB':>10}")
     worst = 0.0
-    for r in rows:
-        sm, sp = r["measured"] / base["measured"], r["predicted"] / base["predicted"]
+    for r in table:
+        sm = r["measured_total"] / base["measured_total"]
+        sp = r["predicted"] * r["psi_r"] / (base["predicted"] * base["psi_r"])
         diff = sm / sp - 1
         worst = max(worst, abs(diff))
-        print(f"TP{r['tp']} ZeRO-{r['zero']:<6}{r['psi_r'] / 1e6:>10.2f}"
-              f"{r['measured'] / 2**20:>14.0f}{r['predicted'] / 2**20:>15.0f}"
-              f"{sm:>14.3f}{sp:>14.3f}{diff:>+8.1%}")
+        print(f"TP{r['tp']} ZeRO-{r['zero']:<5}{r['psi_r'] / 1e6:>10.2f}{r['measured']:>15.2f}"
+              f"{r['predicted']:>15.2f}{r['measured_total'] / 2**20:>10.0f}{sm:>14.3f}"
+              f"{sp:>14.3f}{diff:>+8.1%}{r['peak'] / 2**20:>10.0f}")
     print(f"largest deviation of the measured shrink from the predicted: {worst:.1%}")
 
 

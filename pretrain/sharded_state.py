@@ -90,6 +90,12 @@ class EngineState:
         if missing:
             raise RuntimeError("call name_parameters(model) before building the engine")
         self.params = sorted(params, key=lambda p: p.ckpt_name)
+        mapped = [hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in self.params]
+        if self.torch_optimizer is not self.optimizer and not all(mapped):
+            raise RuntimeError(
+                f"{type(self.optimizer).__name__} keeps master weights that checkpoints cannot "
+                "read per parameter (fp16 without ZeRO): use train.precision=bf16 or "
+                "parallel.zero_stage >= 1")
         self.buffers = sorted((b for b in engine.module.buffers() if hasattr(b, "ckpt_name")),
                               key=lambda b: b.ckpt_name)
         self._mesh = None

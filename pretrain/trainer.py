@@ -105,6 +105,10 @@ class Trainer:
         self.dp_size, self.dp_rank = self.dims.dp, self.dims.dp_rank
         self.global_batch = global_batch_size(cfg, env.world_size)
         self.precision = resolve_precision(cfg, self.device)
+        if self.precision == "fp16" and cfg.parallel.zero_stage == 0:
+            raise SetupError("fp16 training without ZeRO keeps its fp32 master weights where "
+                             "checkpoints cannot read them per parameter: use "
+                             "train.precision=bf16 or parallel.zero_stage=1")
         self.run_dir = Path(cfg.run.dir)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
