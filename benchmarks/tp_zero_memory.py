@@ -25,8 +25,15 @@ size:
 (DeepSpeed's ZeRO optimizers keep an fp32 master partition even when the model is fp32.) The
 shrink is each grid's figure over TP1 ZeRO-0's, measured against predicted.
 
-    python benchmarks/tp_zero_memory.py                      # d=512, 8 layers, DP=2
-    python benchmarks/tp_zero_memory.py --d-model 768 --layers 12 --dp 2 --tp 1 2 4
+ZeRO-3 runs twice: `3` with the DeepSpeed config the trainer generates (DeepSpeed's defaults
+keep up to stage3_max_live_parameters = 1e9 gathered parameters alive between forward and
+backward, so a model below that size stays gathered: a working set, not state), and `3r` with
+stage3_max_live_parameters, stage3_max_reuse_distance and stage3_prefetch_bucket_size set to 0,
+which releases each layer after use and leaves only the partitioned state.
+
+    python benchmarks/tp_zero_memory.py          # d=768, 4 vs 8 layers, DP=2, TP 1 2 4 (~45 min
+                                                 # on 2 CPU cores)
+    python benchmarks/tp_zero_memory.py --tp 1 2 --zero 0 3r --d-model 512
 """
 
 from __future__ import annotations
@@ -84,7 +91,12 @@ def predicted_bytes(psi_r: int, zero: int, dp: int) -> float:
     return per_param * psi_r
 
 
-def worker(rank: int, world: int, port: int, args, tp: int, zero: int, out: str) -> None:
+ZERO3_RELEASE = {"stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
+                 "stage3_prefetch_bucket_size": 0}
+
+
+def worker(rank: int, world: int, port: int, args, tp: int, zero_name: str, out: str) -> None:
+    zero = int(zero_name[0])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -116,8 +128,11 @@ def worker(rank: int, world: int, port: int, args, tp: int, zero: int, out: str)
         name_parameters(model)
         gc.collect()
         psi_r = sum(p.numel() for p in model.parameters())
+        ds_config = build_ds_config(cfg, world, "fp32")
+        if zero_name == "3r":
+            ds_config["zero_optimization"].update(ZERO3_RELEASE)
         engine, _ = init_engine(model, build_optimizer(cfg, param_groups(model, 0.1)), None,
-                                build_ds_config(cfg, world, "fp32"), mpu=dims)
+                                ds_config, mpu=dims)
         gen = torch.Generator().manual_seed(dims.dp_rank)
         state = 0
         for step in range(args.steps):
@@ -134,7 +149,7 @@ def worker(rank: int, world: int, port: int, args, tp: int, zero: int, out: str)
     dist.all_reduce(got, op=dist.ReduceOp.MAX)
     if rank == 0:
         Path(out).write_text(json.dumps({
-            "tp": tp, "dp": dims.dp, "zero": zero, "layers": args.layers, "psi_r": psi_r,
+            "tp": tp, "dp": dims.dp, "zero": zero_name, "layers": args.layers, "psi_r": psi_r,
             "state": got[0].item(), "peak": got[1].item()}))
     dist.barrier()
     dist.destroy_process_group()
@@ -142,14 +157,15 @@ def worker(rank: int, world: int, port: int, args, tp: int, zero: int, out: str)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=4, help="and twice as many (see above)")
+    ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--dp", type=int, default=2)
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--zero", nargs="+", default=["0", "1", "2", "3", "3r"],
+                    choices=["0", "1", "2", "3", "3r"])
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before the process
@@ -175,7 +191,7 @@ def main() -> None:
             d_psi = big["psi_r"] - small["psi_r"]
             table.append({"tp": tp, "zero": zero, "psi_r": big["psi_r"], "peak": big["peak"],
                           "measured": (big["state"] - small["state"]) / d_psi,
-                          "predicted": predicted_bytes(1, zero, args.dp),
+                          "predicted": predicted_bytes(1, int(zero[0]), args.dp),
                           "measured_total": (big["state"] - small["state"]) / d_psi * big["psi_r"]})
     base = table[0]  # the first grid: TP1 ZeRO-0 by default
     print(f"\nmachine: {platform.node()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
