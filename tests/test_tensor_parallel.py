@@ -142,8 +142,36 @@ def _check_gpt(dims: ParallelDims, sequence_parallel: bool) -> None:
         assert_close(p.grad, grad, atol=2e-6, rtol=1e-4, msg=name)
 
 
+class PerHeadTable(nn.Module):
+    """A layer declaring its split as data, the way kernels and new families do."""
+
+    tp_plan = {"table": "shard:1", "proj": "column", "gate": "replicate"}
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.arange(20.0).reshape(5, 4))  # [buckets, heads]
+        self.proj = nn.Linear(8, 4)
+        self.gate = nn.Linear(4, 4)
+
+
+def _check_declared_plan(dims: ParallelDims) -> None:
+    r, n = dims.tp_rank, dims.tp
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY), VOCAB)
+    model.extra = PerHeadTable()
+    dense = PerHeadTable()
+    dense.load_state_dict(model.extra.state_dict())
+    apply_tensor_parallel(model, dims)
+    assert_close(model.extra.table, dense.table.chunk(n, 1)[r], atol=0, rtol=0)
+    assert model.extra.table.partition_dim == 1
+    assert isinstance(model.extra.proj, ColumnParallelLinear)
+    assert_close(model.extra.proj.weight, dense.proj.weight.chunk(n, 0)[r], atol=0, rtol=0)
+    assert isinstance(model.extra.gate, nn.Linear)
+
+
 def _check_all(dims: ParallelDims) -> None:
     _check_layers(dims)
+    _check_declared_plan(dims)
     _check_gpt(dims, sequence_parallel=False)
     _check_gpt(dims, sequence_parallel=True)
 
@@ -232,6 +260,21 @@ def test_config_names_every_tensor_parallel_problem():
     cfg.model.d_ff = 128
     cfg.model.pad_vocab_multiple = 64
     assert validate_config(cfg, world_size=8) == []
+
+
+def test_a_kernel_with_undeclared_projections_is_refused():
+    from pretrain.model.attention import DenseAttention
+
+    class KernelWithProjection(DenseAttention):
+        def __init__(self):
+            super().__init__()
+            self.global_q = nn.Linear(64, 64)
+
+    model = build_model(ModelConfig(**TINY), VOCAB)
+    model.h[1].attn.kernel = KernelWithProjection()
+    with pytest.raises(TensorParallelError, match=r"h\.1\.attn\.kernel .* holds nn.Linear "
+                                                  r"\['global_q'\] without a tensor-parallel plan"):
+        apply_tensor_parallel(model, ParallelDims(tp=2, dp=1, rank=0, world_size=2))
 
 
 def test_a_model_without_a_plan_is_refused():

@@ -139,7 +139,9 @@ def _apply_declared(module: nn.Module, ctx: TPContext, where: str) -> None:
             if isinstance(child, nn.Parameter):
                 setattr(module, name, sharded_parameter(child, dim, ctx.rank, ctx.n))
             else:
-                module.register_buffer(name, child.chunk(ctx.n, dim)[ctx.rank].clone(),
+                buf = child.chunk(ctx.n, dim)[ctx.rank].clone()
+                buf.tensor_model_parallel, buf.partition_dim = True, dim
+                module.register_buffer(name, buf,
                                        persistent=name not in module._non_persistent_buffers_set)
         elif style != "replicate":
             raise TensorParallelError(
