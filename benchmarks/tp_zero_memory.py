@@ -25,15 +25,12 @@ size:
 (DeepSpeed's ZeRO optimizers keep an fp32 master partition even when the model is fp32.) The
 shrink is each grid's figure over TP1 ZeRO-0's, measured against predicted.
 
-ZeRO-3 runs twice: `3` with the DeepSpeed config the trainer generates (DeepSpeed's defaults
-keep up to stage3_max_live_parameters = 1e9 gathered parameters alive between forward and
-backward, so a model below that size stays gathered: a working set, not state), and `3r` with
-stage3_max_live_parameters, stage3_max_reuse_distance and stage3_prefetch_bucket_size set to 0,
-which releases each layer after use and leaves only the partitioned state.
-
-    python benchmarks/tp_zero_memory.py          # d=768, 4 vs 8 layers, DP=2, TP 1 2 4 (~45 min
-                                                 # on 2 CPU cores)
-    python benchmarks/tp_zero_memory.py --tp 1 2 --zero 0 3r --d-model 512
+ZeRO-3 runs twice: `3` with the DeepSpeed config the trainer generates, and `3r` with
+reduce_bucket_size = 1e6 elements (and stage3_max_live_parameters, stage3_max_reuse_distance,
+stage3_prefetch_bucket_size = 0, which release each layer after use). DeepSpeed's default reduce
+bucket (5e8 elements) is larger than these models, and ZeRO-3 fills it with the whole gradient
+before reduce-scattering: 4 more bytes per parameter than the prediction, a buffer that stops
+growing at 5e8 parameters (2 GB fp32, 1 GB bf16).
 """
 
 from __future__ import annotations
@@ -92,6 +89,7 @@ def predicted_bytes(psi_r: int, zero: int, dp: int) -> float:
 
 
 ZERO3_RELEASE = {"stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
+                 "reduce_bucket_size": 1_000_000,
                  "stage3_prefetch_bucket_size": 0}
 
 
