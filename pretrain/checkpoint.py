@@ -3,8 +3,9 @@
 Layout under <run.dir>/checkpoints/:
 
     step-00000100/
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed's shards
-        train_state.json     step, counters, loader position, model config (rank 0)
+        state/*.safetensors  model and optimizer, loadable by any process grid, and
+        engine_state.json    optimizer step, scheduler (both from sharded_state.EngineState)
+        train_state.json     step, counters, loader position, model config, grid (rank 0)
         rng-rank00000.pt     torch/cuda/numpy/python RNG states, one file per rank
         config.yaml          the resolved run config
         COMPLETE             written last, after every rank finished writing
@@ -14,6 +15,10 @@ A save writes everything, waits at a barrier for every rank, then rank 0 writes 
 then moves `latest` (temp file + rename). Resume picks the highest step that has COMPLETE, so a
 crash during a save, or a stale `latest`, never selects a partial checkpoint; directories without
 the marker are removed before the next save.
+
+The manager drives any object with DeepSpeed's checkpoint interface (save_checkpoint /
+load_checkpoint with a tag): the trainer passes sharded_state.EngineState, which writes the
+grid-independent files above; a bare DeepSpeed engine would write DeepSpeed's own shards.
 """
 
 from __future__ import annotations
