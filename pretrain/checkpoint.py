@@ -3,8 +3,9 @@
 Layout under <run.dir>/checkpoints/:
 
     step-00000100/
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed's shards
-        train_state.json     step, counters, loader position, model config (rank 0)
+        state/*.safetensors  model and optimizer, loadable by any process grid, and
+        engine_state.json    optimizer step, scheduler (both from sharded_state.EngineState)
+        train_state.json     step, counters, loader position, model config, grid (rank 0)
         rng-rank00000.pt     torch/cuda/numpy/python RNG states, one file per rank
         config.yaml          the resolved run config
         COMPLETE             written last, after every rank finished writing
@@ -14,12 +15,14 @@ A save writes everything, waits at a barrier for every rank, then rank 0 writes 
 then moves `latest` (temp file + rename). Resume picks the highest step that has COMPLETE, so a
 crash during a save, or a stale `latest`, never selects a partial checkpoint; directories without
 the marker are removed before the next save.
+
+The manager drives any object with DeepSpeed's checkpoint interface (save_checkpoint /
+load_checkpoint with a tag): the trainer passes sharded_state.EngineState, which writes the
+grid-independent files above; a bare DeepSpeed engine would write DeepSpeed's own shards.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import random
@@ -136,12 +139,17 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- loading ---------------------------------------------------------------------------
+    def has_rng(self, step: int) -> bool:
+        """Whether this rank's RNG file exists (not in converted checkpoints)."""
+        return (self.dir / tag_for(step) / f"rng-rank{self.rank:05d}.pt").is_file()
+
     def read_train_state(self, step: int) -> dict:
         return json.loads((self.dir / tag_for(step) / TRAIN_STATE).read_text())
 
-    def load(self, engine, step: int) -> dict:
-        """Restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; returns the
-        train state (counters and loader state) for the caller to apply."""
+    def load(self, engine, step: int, *, with_rng: bool = True) -> dict:
+        """Restore model, optimizer, scheduler (DeepSpeed) and, `with_rng` (the same
+        process grid as the saving run), this rank's RNG; returns the train state (counters and
+        loader state) for the caller to apply."""
         tag = tag_for(step)
         load_path, _ = engine.load_checkpoint(
             str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -149,7 +157,7 @@ class CheckpointManager:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
         rng_file = self.dir / tag / f"rng-rank{self.rank:05d}.pt"
-        if rng_file.is_file():
+        if with_rng and rng_file.is_file():
             restore_rng(torch.load(rng_file, weights_only=True))
         return self.read_train_state(step)
 
@@ -165,31 +173,3 @@ def diff_dicts(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{name}: checkpoint has {a!r}, config has {b!r}")
     return out
-
-
-_WRAPPED_BLOCK = re.compile(r"(^|\.)h\.(\d+)\.block\.")
-
-
-def consolidated_state_dict(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The whole model's weights in fp32 from a checkpoint of any ZeRO stage, on CPU.
-
-    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer shards: DeepSpeed's
-    zero_to_fp32 merges them (whatever the number of ranks that wrote them). Without ZeRO the
-    model states file holds the module as is. Names are the model's own: the wrapper that
-    activation checkpointing puts around blocks (h.N.block.) is removed.
-    """
-    step_dir = Path(step_dir)
-    if any(step_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints what it detected
-            state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent),
-                                                             tag=step_dir.name)
-    else:
-        path = step_dir / "mp_rank_00_model_states.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{step_dir} holds no DeepSpeed model states ({path.name})")
-        # DeepSpeed's file also pickles its config and version objects: not weights_only
-        state = torch.load(path, map_location="cpu", weights_only=False)["module"]
-    return {_WRAPPED_BLOCK.sub(r"\1h.\2.", k): v.float() if v.is_floating_point() else v
-            for k, v in state.items()}

@@ -7,6 +7,7 @@
     pretrain export   CHECKPOINT --out DIR               checkpoint -> Hugging Face directory
     pretrain import   HF_DIR --out RUN_DIR               Hugging Face model -> a run to continue
     pretrain generate CHECKPOINT --prompt TEXT           sample, fill [MASK] or sentinel spans
+    pretrain checkpoint consolidate|convert SRC ...      checkpoints of any process grid
 """
 
 from __future__ import annotations

@@ -276,7 +276,20 @@ class ParallelConfig(Section):
     offload_params: bool = False
     """Keep parameters on the CPU (ZeRO stage 3 only)."""
     tensor_parallel: int = Field(1, ge=1)
-    """Tensor-parallel degree. Only 1 is supported so far."""
+    """Tensor-parallel degree (Megatron-style): every layer's weights are split over this many
+    consecutive ranks (attention heads, feed-forward columns, vocabulary rows); the data-parallel
+    size is the world size divided by it. Must divide the world size, model.n_head, the
+    feed-forward width and the vocabulary (model.pad_vocab_multiple or model.vocab_size)."""
+    sequence_parallel: bool = False
+    """With tensor_parallel > 1, also split the activations between the tensor-parallel
+    regions (LayerNorm, dropout, residual adds) along the sequence: activation memory of those
+    parts shrinks by tensor_parallel at the same communication volume. Needs data.seq_len
+    divisible by tensor_parallel; GPT only, without model.reversible. No effect with
+    tensor_parallel = 1."""
+    tensor_parallel_across_nodes: bool = False
+    """Allow tensor-parallel groups that span nodes (when tensor_parallel does not divide the
+    ranks per node). Off by default: tensor parallelism all-reduces in every layer and is slow
+    over the network."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `auto` is NCCL on GPU and gloo on CPU."""
     timeout_minutes: float = Field(10.0, gt=0)
@@ -404,8 +417,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> list[tuple[st
         )
     if o.min_lr > o.lr:
         problems.append(("optim.min_lr", f"{o.min_lr} is above optim.lr={o.lr}"))
-    if p.tensor_parallel != 1:
-        problems.append(("parallel.tensor_parallel", "only 1 is supported so far"))
+    problems += tensor_parallel_problems(cfg)
     if p.offload_params and p.zero_stage != 3:
         problems.append(
             ("parallel.offload_params", f"needs parallel.zero_stage=3, got {p.zero_stage}")
@@ -522,6 +534,43 @@ def _attention_problems(cfg: Config) -> list[tuple[str, str]]:
                  f"directions and their negatives), got {n_buckets}")
             )
     return problems
+
+
+def tensor_parallel_problems(cfg: Config) -> list[tuple[str, str]]:
+    """What the model and data need for parallel.tensor_parallel = n: n divides the heads, the
+    feed-forward width and the vocabulary (and, for sequence parallelism, the sequence)."""
+    m, p, n = cfg.model, cfg.parallel, cfg.parallel.tensor_parallel
+    if n == 1:
+        return []
+    out = []
+    key = "parallel.tensor_parallel"
+    if m.n_head % n:
+        out.append((key, f"{n} does not divide model.n_head={m.n_head} (heads are split "
+                         "over tensor-parallel ranks)"))
+    if m.ffn_width % n:
+        out.append((key, f"{n} does not divide the feed-forward width {m.ffn_width} "
+                         "(model.d_ff)"))
+    if m.vocab_size is not None and m.vocab_size % n:
+        out.append((key, f"{n} does not divide model.vocab_size={m.vocab_size}"))
+    if m.vocab_size is None and m.pad_vocab_multiple % n:
+        out.append(("model.pad_vocab_multiple",
+                    f"{m.pad_vocab_multiple} is not a multiple of parallel.tensor_parallel={n} "
+                    "(the vocabulary is split over tensor-parallel ranks)"))
+    if p.sequence_parallel and cfg.data.seq_len % n:
+        out.append(("parallel.sequence_parallel",
+                    f"needs data.seq_len={cfg.data.seq_len} divisible by "
+                    f"parallel.tensor_parallel={n}"))
+    if p.sequence_parallel and m.family != "gpt":
+        out.append(("parallel.sequence_parallel",
+                    f"is implemented for model.family=gpt only, not {m.family!r} (BERT's head "
+                    "runs on the masked positions only, T5's cross-attention reads the whole "
+                    "encoder output); set it to false"))
+    if p.sequence_parallel and m.reversible:
+        out.append(("parallel.sequence_parallel",
+                    "does not combine with model.reversible (the reversible stack runs the "
+                    "blocks' branches, not the blocks the sequence split hooks into); set one "
+                    "to false"))
+    return out
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -21,7 +21,7 @@ from data_pipeline.loader import ShardedLoader, iter_eval
 from data_pipeline.objectives import SpecialTokenError, build_objective
 from launch.env import DistEnv
 from pretrain.checkpoint import CheckpointManager, diff_dicts
-from pretrain.config import Config, data_parallel_size, global_batch_size
+from pretrain.config import Config, global_batch_size
 from pretrain.config_io import resolved_dict, resolved_yaml
 from pretrain.metrics import MetricsLogger, device_peak_tflops, read_metrics
 from pretrain.model import build_model
@@ -29,8 +29,11 @@ from pretrain.parallel.activation_checkpoint import apply_activation_checkpointi
 from pretrain.parallel.deepspeed import (
     build_ds_config, build_optimizer, init_distributed, init_engine, resolve_precision,
 )
+from pretrain.parallel.dims import GridError, ParallelDims
+from pretrain.parallel.tensor_parallel import TensorParallelError, apply_tensor_parallel
 from pretrain.saved_model import SavedModelError, load_weights_file
 from pretrain.schedule import lr_factor_fn
+from pretrain.sharded_state import EngineState, StateLoadError, name_parameters
 from pretrain.stop import StopRequest, signal_name
 
 
@@ -82,6 +85,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _shape(grid: dict) -> str:
+    return (f"TP{grid['tensor_parallel']}xDP{grid['data_parallel']} "
+            f"ZeRO-{grid['zero_stage']}")
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, stop: StopRequest | None = None):
         self.cfg, self.env = cfg, env
@@ -90,11 +98,21 @@ class Trainer:
         backend = cfg.parallel.backend
         if backend == "auto":
             backend = "nccl" if self.device.type == "cuda" else "gloo"
+        try:
+            self.dims = ParallelDims.from_world(
+                cfg.parallel.tensor_parallel, env.rank, env.world_size, env.local_world_size,
+                across_nodes=cfg.parallel.tensor_parallel_across_nodes)
+        except GridError as e:
+            raise SetupError(str(e)) from None
         init_distributed(backend, cfg.parallel.timeout_minutes)
-        self.dp_size = data_parallel_size(cfg, env.world_size)
-        self.dp_rank = env.rank // cfg.parallel.tensor_parallel
+        self.dims.build_groups()
+        self.dp_size, self.dp_rank = self.dims.dp, self.dims.dp_rank
         self.global_batch = global_batch_size(cfg, env.world_size)
         self.precision = resolve_precision(cfg, self.device)
+        if self.precision == "fp16" and cfg.parallel.zero_stage == 0:
+            raise SetupError("fp16 training without ZeRO keeps its fp32 master weights where "
+                             "checkpoints cannot read them per parameter: use "
+                             "train.precision=bf16 or parallel.zero_stage=1")
         self.run_dir = Path(cfg.run.dir)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,32 +133,43 @@ class Trainer:
         except SpecialTokenError as e:
             raise SetupError(str(e)) from None
 
-        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        torch.manual_seed(cfg.run.seed)  # the same whole model on every rank, at any TP degree
         model = build_model(cfg.model, self.vocab_size)
-        if cfg.checkpoint.init_from:  # a resume below overwrites these
+        if cfg.checkpoint.init_from:  # whole weights, before the split; a resume overwrites them
             try:
                 load_weights_file(model, cfg.checkpoint.init_from)
             except SavedModelError as e:
                 raise SetupError(str(e)) from None
-        if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(model)
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())
+        try:
+            apply_tensor_parallel(model, self.dims,
+                                  sequence_parallel=cfg.parallel.sequence_parallel)
+        except TensorParallelError as e:
+            raise SetupError(str(e)) from None
+        name_parameters(model)  # checkpoint names: the whole model's, before any wrapper
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
         optimizer = build_optimizer(cfg, param_groups(model, cfg.optim.weight_decay))
         self.ds_config = build_ds_config(cfg, env.world_size, self.precision)
         lr_fn = lr_factor_fn(cfg.optim, cfg.train.max_steps)
         self.engine, self.scheduler = init_engine(
             model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn),
-            self.ds_config,
+            self.ds_config, mpu=self.dims,
         )
-        torch.manual_seed(cfg.run.seed + 1 + env.rank)  # per-rank dropout streams
+        # Dropout streams per data-parallel rank: tensor-parallel peers hold the same
+        # activations and must draw the same masks (split heads/positions fork their own).
+        torch.manual_seed(cfg.run.seed + 1 + self.dp_rank)
+        self.state_io = EngineState(self.engine, self.dims)  # what checkpoints save and load
 
         self.loader = ShardedLoader(
             cfg.data.dir, "train", micro_batch_size=cfg.train.micro_batch_size,
             dp_rank=self.dp_rank, dp_size=self.dp_size, seed=cfg.run.seed,
             shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
             verify_checksums=cfg.data.verify_checksums,
-            audit_dir=self.run_dir / "audit" if cfg.data.audit else None,
+            # one record per sample: tensor-parallel peers read the same batches
+            audit_dir=self.run_dir / "audit" if cfg.data.audit and self.dims.tp_rank == 0
+            else None,
             transform=self.objective,
         )
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank,
@@ -171,7 +200,12 @@ class Trainer:
             "objective": resolved_dict(self.cfg)["objective"],
             "world_size": self.env.world_size,
             "zero_stage": self.cfg.parallel.zero_stage,
+            "grid": self._grid(),
         }
+
+    def _grid(self) -> dict:
+        return {"tensor_parallel": self.dims.tp, "data_parallel": self.dims.dp,
+                "zero_stage": self.cfg.parallel.zero_stage}
 
     def _resume(self) -> None:
         latest = self.ckpt.latest_step()
@@ -198,7 +232,21 @@ class Trainer:
             raise ResumeError(f"cannot resume from {where}: the run changed:\n  "
                               + "\n  ".join(problems)
                               + "\nUse a new run.dir, or restore the settings above.")
-        state = self.ckpt.load(self.engine, latest)
+        saved = state.get("grid", {"tensor_parallel": 1, "data_parallel": state["world_size"],
+                                   "zero_stage": state["zero_stage"]})
+        # Per-rank RNG streams carry over only to the same grid (and are not in converted
+        # checkpoints); otherwise they restart from a seed derived from the step.
+        same_grid = (saved["tensor_parallel"], saved["data_parallel"]) == (
+            self.dims.tp, self.dims.dp) and self.ckpt.has_rng(latest)
+        if saved != self._grid() and self.env.is_main:
+            print(f"[pretrain] resuming {where} on another shape: saved by "
+                  f"{_shape(saved)}, loading into {_shape(self._grid())}", flush=True)
+        try:
+            state = self.ckpt.load(self.state_io, latest, with_rng=same_grid)
+        except StateLoadError as e:
+            raise ResumeError(f"cannot resume from {where}: {e}") from None
+        if not same_grid:  # per-rank streams cannot carry over: restart them from the step
+            torch.manual_seed(self.cfg.run.seed + 1 + self.dp_rank + 1_000_003 * state["step"])
         try:
             self.loader.load_state_dict(state["loader"])
         except ValueError as e:
@@ -207,7 +255,7 @@ class Trainer:
         self.resumed_from = latest
 
     def save(self) -> None:
-        self.ckpt.save(self.engine, self.step, self.train_state(), resolved_yaml(self.cfg))
+        self.ckpt.save(self.state_io, self.step, self.train_state(), resolved_yaml(self.cfg))
 
     # ---- evaluation ------------------------------------------------------------------------
     def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -340,10 +388,16 @@ class Trainer:
 
     @torch.no_grad()
     def _reduced_grad_norm(self) -> float:
-        """2-norm of all gradients after backward's all-reduce (identical on every rank)."""
-        norms = [p.grad.detach().norm(2.0) for p in self.engine.module.parameters()
-                 if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+        """2-norm of all gradients after backward's all-reduce (identical on every rank):
+        split parameters count on every tensor-parallel rank, replicated ones once."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.engine.module.parameters():
+            if p.grad is not None and (getattr(p, "tensor_model_parallel", False)
+                                       or self.dims.tp_rank == 0):
+                sq += p.grad.detach().double().pow(2).sum()
+        if self.dims.tp > 1:
+            dist.all_reduce(sq, group=self.dims.tp_group)
+        return sq.sqrt().item()
 
     def _log_train(self, loss: float, tokens_per_sec: float, step_time: float,
                    metrics: dict[str, float]) -> None:
@@ -385,7 +439,9 @@ class Trainer:
                else "starting from scratch")
         return (
             f"[pretrain] {self.cfg.model.family} {self.n_params / 1e6:.2f}M params | "
-            f"world {self.env.world_size} (dp {self.dp_size}) | ZeRO-{self.cfg.parallel.zero_stage}"
+            f"world {self.env.world_size} (tp {self.dims.tp} x dp {self.dp_size}"
+            f"{' +sp' if self.cfg.parallel.sequence_parallel and self.dims.tp > 1 else ''}) | "
+            f"ZeRO-{self.cfg.parallel.zero_stage}"
             f" | {self.device.type} {self.precision} | global batch {self.global_batch} x "
             f"{self.cfg.data.seq_len} tokens | {how} | run dir {self.run_dir}"
             + (f" | Slurm restart {self.env.restart_count}" if self.env.restart_count else "")

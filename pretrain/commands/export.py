@@ -1,6 +1,7 @@
-"""`pretrain export CHECKPOINT --out DIR`: a checkpoint of any ZeRO stage as a Hugging Face
-directory (config.json, model.safetensors, tokenizer files) that transformers' from_pretrained
-loads: GPT2LMHeadModel, BertForMaskedLM / BertForPreTraining or T5ForConditionalGeneration."""
+"""`pretrain export CHECKPOINT --out DIR`: a checkpoint of any process grid (TP x DP, ZeRO 0-3)
+as a Hugging Face directory (config.json, model.safetensors, tokenizer files) that transformers'
+from_pretrained loads: GPT2LMHeadModel, BertForMaskedLM / BertForPreTraining or
+T5ForConditionalGeneration."""
 
 from __future__ import annotations
 

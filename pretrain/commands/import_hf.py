@@ -2,7 +2,8 @@
 (GPT2LMHeadModel, BertForMaskedLM / BertForPreTraining, T5ForConditionalGeneration).
 
 Writes into RUN_DIR:
-    init/model.safetensors   the weights in our layout (checkpoint.init_from)
+    init/model.safetensors   the weights in our layout (checkpoint.init_from), the same
+                             weights file `pretrain checkpoint consolidate` writes
     init/tokenizer.json      the model's tokenizer (data.tokenizer.path)
     config.yaml              a run config: the base config (--config, default
                              configs/<family>-default.yaml) with the imported model, that
@@ -53,13 +54,13 @@ def _eos_token(hf_dir: Path, family: str, tokenizer_file: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from pretrain.config import ModelConfig
     from pretrain.config_io import ConfigError, load_config, parse_value
     from pretrain.hf import InteropError, read_hf_dir
     from pretrain.model import build_model
-    from pretrain.saved_model import SavedModelError, load_weights, save_weights_file
+    from pretrain.saved_model import (
+        SavedModelError, load_weights, save_weights_file, unique_state,
+    )
 
     hf_dir, out = Path(args.hf_dir), Path(args.out).resolve()
     try:
@@ -76,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     (out / "init").mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        save_weights_file(model, out / "init" / "model.safetensors")
+    save_weights_file(unique_state(model), out / "init" / "model.safetensors", model=model_cfg,
+                      vocab_size=model_cfg.vocab_size, source=hf_dir.resolve())
     shutil.copyfile(tokenizer_file, out / "init" / "tokenizer.json")
     base = (Path(args.config) if args.config
             else ROOT / "configs" / f"{model_cfg.family}-default.yaml")

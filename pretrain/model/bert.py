@@ -29,12 +29,12 @@ from pretrain.model.blocks import TransformerStack, self_attention_context
 from pretrain.model.flops import transformer_flops_per_token
 from pretrain.model.layers import (
     LearnedPositions,
+    LMCrossEntropy,
     ModelOutput,
     activate,
     build_norm,
     build_positions,
     init_normal_,
-    lm_cross_entropy,
 )
 
 
@@ -62,6 +62,10 @@ class BertEmbeddings(nn.Module):
 class MaskedLMHead(nn.Module):
     """BERT's prediction head: a dense + activation + norm transform, then the vocabulary
     projection (decoder, tied to the token embedding when model.tie_embeddings) plus a bias."""
+
+    # Tensor parallelism splits the decoder over the vocabulary (the model's LM head) and the
+    # bias with it; the transform before it stays whole on every rank.
+    tp_plan = {"bias": "shard:0", "dense": "replicate"}
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
@@ -94,6 +98,7 @@ class BERT(nn.Module):
         if cfg.sentence_head != "none":
             self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
             self.sentence_head = nn.Linear(cfg.d_model, 2)
+        self.lm_loss = LMCrossEntropy()  # a module, so tensor parallelism can swap it
         init_normal_(self, cfg.init_std)
 
     def encode(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
@@ -128,15 +133,15 @@ class BERT(nn.Module):
 
         if return_logits:
             logits_BTV = self.mlm_head(x_BTD)
-            loss, n_targets = lm_cross_entropy(logits_BTV, labels, ignore_index)
+            loss, n_targets = self.lm_loss(logits_BTV, labels, ignore_index)
             chosen = labels != ignore_index
             logits_NV, labels_N = logits_BTV[chosen], labels[chosen]
         else:  # the head only where there is something to predict
             chosen = labels != ignore_index
             logits_NV, labels_N = self.mlm_head(x_BTD[chosen]), labels[chosen]
-            loss, n_targets = lm_cross_entropy(logits_NV, labels_N, ignore_index)
+            loss, n_targets = self.lm_loss(logits_NV, labels_N, ignore_index)
             logits_BTV = None
-        correct = (logits_NV.argmax(-1) == labels_N).sum()
+        correct = (self.lm_loss.predictions(logits_NV) == labels_N).sum()
         metrics = {"mlm_loss": loss.detach(),
                    "mlm_accuracy": (correct / n_targets.clamp(min=1)).detach()}
         if sentence is not None and sentence_labels is not None:

@@ -36,11 +36,11 @@ from pretrain.model.blocks import build_block, run_blocks, self_attention_contex
 from pretrain.model.flops import transformer_flops_per_token
 from pretrain.model.layers import (
     LearnedPositions,
+    LMCrossEntropy,
     ModelOutput,
     build_norm,
     build_positions,
     init_normal_,
-    lm_cross_entropy,
 )
 
 
@@ -64,6 +64,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one Parameter, two uses
+        self.lm_loss = LMCrossEntropy()  # a module, so tensor parallelism can swap it
         self.init_weights()
 
     @torch.no_grad()
@@ -100,7 +101,7 @@ class GPT(nn.Module):
         logits_BTV = self.lm_head(x_BTD)  # compute dtype; the loss upcasts to fp32
         if labels is None:
             return ModelOutput(logits=logits_BTV)
-        loss, n_targets = lm_cross_entropy(logits_BTV, labels, ignore_index)
+        loss, n_targets = self.lm_loss(logits_BTV, labels, ignore_index)
         return ModelOutput(
             logits=logits_BTV if return_logits else None, loss=loss, n_targets=n_targets
         )

@@ -90,8 +90,11 @@ class RelativePositionBias(nn.Module):
     query their own halves of the buckets; unidirectional (decoder) attention only looks back.
 
     `relative_attention_bias` is an Embedding [buckets, H] (Hugging Face's name and layout).
-    Tensor parallelism must slice its columns along with the heads.
+    Tensor parallelism slices its columns along with the heads (`tp_plan`); every method then
+    gives this rank's heads.
     """
+
+    tp_plan = {"relative_attention_bias.weight": "shard:1"}
 
     def __init__(self, n_head: int, *, bidirectional: bool, num_buckets: int = 32,
                  max_distance: int = 128) -> None:
@@ -349,3 +352,19 @@ def lm_cross_entropy(
     )
     n_targets = (targets_BT != ignore_index).sum()
     return total / n_targets.clamp(min=1), n_targets
+
+
+class LMCrossEntropy(nn.Module):
+    """`lm_cross_entropy` as a module, so that what reads the logits over the vocabulary can be
+    swapped from outside the model: tensor parallelism replaces it with a vocabulary-parallel
+    version that works on vocabulary-split logits. No parameters, nothing in the state dict."""
+
+    def forward(
+        self, logits_BTV: Tensor, targets_BT: Tensor, ignore_index: int = -100
+    ) -> tuple[Tensor, Tensor]:
+        return lm_cross_entropy(logits_BTV, targets_BT, ignore_index)
+
+    def predictions(self, logits_NV: Tensor) -> Tensor:
+        """The most likely token of every row, int64 [...] (the first of equal maxima), for
+        accuracy metrics."""
+        return logits_NV.argmax(dim=-1)

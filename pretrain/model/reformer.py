@@ -58,6 +58,10 @@ from pretrain.model.blocked import neighbour_blocks, window_attention
 class LSHAttention(AttentionKernel):
     projections = {"q": "qk", "k": "qk", "v": "v"}  # shared query-key: one projection
     scores_all_pairs = False
+    # Tensor parallelism: the rotations are drawn from the random stream that tensor-parallel
+    # peers share, also while attention dropout draws per-rank masks, so that every rank hashes
+    # its heads as the unsplit module hashes them.
+    tp_plan = {"rotations": "shared_rng"}
 
     def __init__(
         self, n_hashes: int = 2, n_buckets: int = 32, chunk_len: int = 64,

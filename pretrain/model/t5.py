@@ -49,10 +49,10 @@ from pretrain.model.layers import (
     FeedForward,
     GatedFeedForward,
     LearnedPositions,
+    LMCrossEntropy,
     ModelOutput,
     RelativePositionBias,
     build_positions,
-    lm_cross_entropy,
 )
 
 
@@ -78,6 +78,7 @@ class T5(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.shared.weight
+        self.lm_loss = LMCrossEntropy()  # a module, so tensor parallelism can swap it
         self.init_weights()
 
     @torch.no_grad()
@@ -161,7 +162,7 @@ class T5(nn.Module):
                                  decoder_attention_mask)
         if labels is None:
             return ModelOutput(logits=logits_BTV)
-        loss, n_targets = lm_cross_entropy(logits_BTV, labels, ignore_index)
+        loss, n_targets = self.lm_loss(logits_BTV, labels, ignore_index)
         return ModelOutput(logits=logits_BTV if return_logits else None, loss=loss,
                            n_targets=n_targets)
 

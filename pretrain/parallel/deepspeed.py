@@ -68,12 +68,15 @@ def build_optimizer(cfg: Config, param_groups: list[dict]) -> torch.optim.Optimi
     return torch.optim.AdamW(param_groups, **kwargs)
 
 
-def init_engine(model, optimizer, lr_scheduler_fn, ds_config: dict):
+def init_engine(model, optimizer, lr_scheduler_fn, ds_config: dict, mpu=None):
     """Wrap model and optimizer; `lr_scheduler_fn(optimizer)` builds the scheduler on the
-    optimizer DeepSpeed actually steps (ZeRO wraps ours)."""
+    optimizer DeepSpeed actually steps (ZeRO wraps ours). `mpu` (a ParallelDims) tells DeepSpeed
+    the data-parallel group to partition and reduce over and the tensor-parallel group to sum
+    gradient norms over."""
     import deepspeed
 
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler_fn, config=ds_config
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler_fn, config=ds_config,
+        mpu=mpu,
     )
     return engine, scheduler
