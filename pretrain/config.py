@@ -275,6 +275,13 @@ class ParallelConfig(Section):
     """Keep optimizer states (and the step) on the CPU (ZeRO stage 1-3)."""
     offload_params: bool = False
     """Keep parameters on the CPU (ZeRO stage 3 only)."""
+    reduce_bucket_size: int | None = Field(None, ge=1)
+    """Gradient elements ZeRO reduces at once (DeepSpeed's reduce_bucket_size; with ZeRO-3
+    also the parameter prefetch bucket). Every rank keeps a buffer of this size, which ZeRO-3
+    fills with whole (unpartitioned) gradients. Default: model.d_model squared (one attention
+    projection, Hugging Face's `auto`), at least 2**20: large enough for efficient collectives,
+    small next to the model. DeepSpeed's own default, 5e8, holds the whole gradient of any
+    model below 5e8 parameters (4 bytes per parameter more under ZeRO-3 in fp32)."""
     tensor_parallel: int = Field(1, ge=1)
     """Tensor-parallel degree (Megatron-style): every layer's weights are split over this many
     consecutive ranks (attention heads, feed-forward columns, vocabulary rows); the data-parallel

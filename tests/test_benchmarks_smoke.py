@@ -29,6 +29,8 @@ SMOKE = {
     "resume_seek.py": ["--gb", "0.01", "--rounds", "1"],
     "long_attention.py": ["--lengths", "256", "--repeats", "1", "--impls", "dense", "longformer"],
     "gpu_mfu.py": ["--tiny"],
+    "tp_zero_memory.py": ["--d-model", "64", "--heads", "4", "--layers", "1", "--vocab", "512",
+                          "--dp", "1", "--tp", "1", "2", "--zero", "0", "--steps", "2"],
 }
 
 

@@ -63,12 +63,14 @@ def hf_val_loss(hf_dir, config, data_dir, run_overrides, world=2) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("config", [BERT_TINY, T5_TINY], ids=["bert", "t5"])
-def test_family_trains_resumes_exports_and_generates(config, bert_t5_data, tmp_path, capsys):
+@pytest.mark.parametrize("config,tp", [(BERT_TINY, 2), (T5_TINY, 1)], ids=["bert-tp2", "t5"])
+def test_family_trains_resumes_exports_and_generates(config, tp, bert_t5_data, tmp_path, capsys):
+    """2 ranks: BERT as TP2 x DP1 (vocabulary-parallel MLM head and accuracy, split dropout
+    streams), T5 as DP2; both ZeRO-2. Export and generate read the checkpoint of either grid."""
     # dropout and a loader worker make the resume sensitive to RNG and loader state
     common = ["parallel.zero_stage=2", "model.dropout=0.1", "data.num_workers=1",
               "optim.lr=3e-3", "optim.warmup_steps=2", "optim.decay_steps=16",
-              "checkpoint.interval=8", "train.eval_interval=8"]
+              "checkpoint.interval=8", "train.eval_interval=8", f"parallel.tensor_parallel={tp}"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_cli(["train", str(config), *overrides(bert_t5_data, whole, *common),
              "train.max_steps=16", "--nproc", "2"])
@@ -90,13 +92,13 @@ def test_family_trains_resumes_exports_and_generates(config, bert_t5_data, tmp_p
         assert all("mlm_accuracy" in r and "sop_accuracy" in r for r in records if "loss" in r)
         assert "val_mlm_accuracy" in evals[-1] and "val_mlm_loss" in evals[-1]
 
-    # export the ZeRO-2 checkpoint; transformers reproduces the logged validation loss
+    # export the checkpoint; transformers reproduces the logged validation loss
     out = tmp_path / "hf"
     assert cli_main(["export", str(whole), "--out", str(out)]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in
                                                                       out.iterdir()}
     run_overrides = overrides(bert_t5_data, whole, *common, "train.max_steps=16")
-    theirs = hf_val_loss(out, config, bert_t5_data, run_overrides)
+    theirs = hf_val_loss(out, config, bert_t5_data, run_overrides, world=2 // tp)
     assert theirs == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     if config == BERT_TINY:
@@ -114,22 +116,22 @@ def test_family_trains_resumes_exports_and_generates(config, bert_t5_data, tmp_p
         assert "<extra_id_0>" not in text.splitlines()[0] and "spans:" in text
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_gpt_export_from_zero_stage(stage, tiny_data, tmp_path, capsys):
-    """ZeRO-3 shards the parameters themselves over the ranks; ZeRO-0 keeps one model file."""
+@pytest.mark.parametrize("stage,tp", [(0, 2), (3, 1)], ids=["tp2-zero0", "dp2-zero3"])
+def test_gpt_export_from_zero_stage(stage, tp, tiny_data, tmp_path, capsys):
+    """2 ranks: ZeRO-3 shards the parameters themselves over them; TP2 splits every layer
+    (and the tied vocabulary) between them. Export reads whole weights from either."""
     run = tmp_path / "run"
     extra = ["train.max_steps=3", "train.eval_interval=0", f"parallel.zero_stage={stage}",
-             "train.eval_batches=2",
-             # wrapped blocks are saved as h.N.block.*: export must see through the wrapper
+             "train.eval_batches=2", f"parallel.tensor_parallel={tp}",
+             # checkpoints name parameters as the unwrapped model does
              f"train.activation_checkpointing={'true' if stage == 0 else 'false'}"]
-    nproc = ["--nproc", "2"] if stage else []
-    run_cli(["train", str(TINY_CONFIG), *overrides(tiny_data, run, *extra), *nproc])
+    run_cli(["train", str(TINY_CONFIG), *overrides(tiny_data, run, *extra), "--nproc", "2"])
     final = [r for r in train_records(run) if "val_loss" in r][-1]
     out = tmp_path / "hf"
     assert cli_main(["export", str(run), "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     theirs = hf_val_loss(out, TINY_CONFIG, tiny_data, overrides(tiny_data, run, *extra),
-                         world=2 if stage else 1)
+                         world=2 // tp)
     assert theirs == pytest.approx(final["val_loss"], rel=1e-5)
     capsys.readouterr()
     assert cli_main(["generate", str(run), "--prompt", "def main(", "--max-new-tokens", "8",

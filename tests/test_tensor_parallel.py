@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
-import yaml
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.testing import assert_close
 
@@ -215,6 +215,9 @@ def _family_configs() -> dict[str, ModelConfig]:
         "t5-reformer-reversible": preset("t5-tiny", attention=reformer, reversible=True,
                                          ff_chunk_size=5, gated_ffn=False, activation="relu"),
         "t5-longformer": preset("t5-tiny", attention=longformer, tie_embeddings=False),
+        # the original Transformer: sinusoidal positions, post-norm LayerNorm, biases, ReLU
+        "transformer": preset("transformer-base", n_layer=2, n_decoder_layer=1, n_head=4,
+                              d_model=32, d_ff=64, dropout=0.0, attention={"dropout": 0.0}),
         "gpt-longformer": ModelConfig(**TINY, attention=longformer, ff_chunk_size=6),
         "gpt-reformer": ModelConfig(**TINY, attention=reformer, reversible=True),
     }

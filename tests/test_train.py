@@ -44,6 +44,8 @@ def test_two_ranks_train_with_zero(stage, tiny_data, tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000040"
     ds = json.loads((run / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage and ds["train_batch_size"] == 8
+    # the reduce bucket is sized to the model (d_model^2, at least 2^20), not DeepSpeed's 5e8
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 2**20
     assert (run / "config.yaml").is_file()
     assert any((run / "tensorboard").iterdir())
 

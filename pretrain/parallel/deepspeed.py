@@ -24,12 +24,24 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return "fp32"
 
 
+def reduce_bucket_size(cfg: Config) -> int:
+    """parallel.reduce_bucket_size, or its default: d_model^2, at least 2^20 elements."""
+    if cfg.parallel.reduce_bucket_size is not None:
+        return cfg.parallel.reduce_bucket_size
+    return max(cfg.model.d_model ** 2, 2**20)
+
+
 def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict:
     t, par = cfg.train, cfg.parallel
     zero: dict = {"stage": par.zero_stage}
     if par.zero_stage > 0:
         zero["contiguous_gradients"] = True
         zero["overlap_comm"] = False  # no gain without CUDA streams; keeps CPU runs deterministic
+        # A buffer of this many gradient elements lives on every rank (ZeRO-3 fills it with
+        # whole gradients): sized to the model, not DeepSpeed's 5e8 (parallel.reduce_bucket_size)
+        zero["reduce_bucket_size"] = reduce_bucket_size(cfg)
+        if par.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * zero["reduce_bucket_size"])
         if par.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if par.offload_params:
