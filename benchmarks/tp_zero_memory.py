@@ -5,8 +5,9 @@ apply_tensor_parallel, handed to DeepSpeed with our generated config and mpu, an
 few steps on random tokens. glibc is told to serve every allocation of 64 KiB or more with mmap
 (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the resident memory (RSS) at once.
 
-What is measured: the RSS right after backward and right after the optimizer step of the last
-steps (when parameters, gradients and Adam states all exist), after garbage collection, for two
+What is measured: the highest RSS right after each micro-step's backward and after each
+engine.step() of the steps after the first (when parameters, gradients and Adam states all
+exist), after garbage collection, for two
 depths of the same model (--layers and 2 x --layers). The difference between the two, over the
 difference in parameters this rank holds, is the memory per parameter: fixed costs (Python,
 torch, DeepSpeed's runtime and its fixed-size communication buckets) cancel out. The peak RSS
@@ -24,6 +25,12 @@ size:
 
 (DeepSpeed's ZeRO optimizers keep an fp32 master partition even when the model is fp32.) The
 shrink is each grid's figure over TP1 ZeRO-0's, measured against predicted.
+
+Each step accumulates --accum (default 2) micro-batches. That is where ZeRO-1 and ZeRO-2 differ:
+ZeRO-1 accumulates whole gradients and reduce-scatters them at the last micro-step, ZeRO-2
+reduces each micro-step's gradients into its partition at once. With one micro-step per step
+DeepSpeed's ZeRO-1 also partitions the gradients before engine.backward() returns, so after
+backward it holds what ZeRO-2 holds (the whole gradient only inside backward).
 
 The DeepSpeed config is the one the trainer generates (`build_ds_config`). Its ZeRO reduce
 bucket is sized to the model (parallel.reduce_bucket_size, default max(d_model^2, 2^20)
@@ -116,7 +123,7 @@ def worker(rank: int, world: int, port: int, args, tp: int, zero_name: str, out:
         "parallel": {"tensor_parallel": tp, "zero_stage": zero,
                      "reduce_bucket_size": DEEPSPEED_DEFAULT_BUCKET if zero_name == "3d"
                      else None},
-        "train": {"micro_batch_size": 1, "grad_accum_steps": 1},
+        "train": {"micro_batch_size": 1, "grad_accum_steps": args.accum},
         "optim": {"warmup_steps": 0},
     })
     gc.collect()
@@ -134,15 +141,16 @@ def worker(rank: int, world: int, port: int, args, tp: int, zero_name: str, out:
         gen = torch.Generator().manual_seed(dims.dp_rank)
         state = 0
         for step in range(args.steps):
-            ids = torch.randint(0, args.vocab, (1, args.seq + 1), generator=gen)
-            engine.backward(engine(ids[:, :-1], ids[:, 1:]).loss)
-            if step >= 1:  # Adam's states exist from the first step on
-                gc.collect()
-                state = max(state, rss())
-            engine.step()
-            if step >= 1:
-                gc.collect()
-                state = max(state, rss())
+            for _ in range(args.accum):  # engine.step() steps the optimizer at the last one
+                ids = torch.randint(0, args.vocab, (1, args.seq + 1), generator=gen)
+                engine.backward(engine(ids[:, :-1], ids[:, 1:]).loss)
+                if step >= 1:  # Adam's states exist from the first step on
+                    gc.collect()
+                    state = max(state, rss())
+                engine.step()
+                if step >= 1:
+                    gc.collect()
+                    state = max(state, rss())
     got = torch.tensor([state - base, sampler.peak - base], dtype=torch.float64)
     dist.all_reduce(got, op=dist.ReduceOp.MAX)
     if rank == 0:
@@ -165,6 +173,8 @@ def main() -> None:
     ap.add_argument("--zero", nargs="+", default=["0", "1", "2", "3"],
                     choices=["0", "1", "2", "3", "3d"])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--accum", type=int, default=2,
+                    help="micro-steps per step: gradients live across them (see above)")
     args = ap.parse_args()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before the process
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -197,7 +207,8 @@ def main() -> None:
     print(f"\n{machine_line()}, DeepSpeed {deepspeed_version()}, {datetime.date.today()}")
     print(load_line())
     print(f"model: d={args.d_model}, {args.layers} vs {2 * args.layers} layers, {args.heads} "
-          f"heads, vocab {args.vocab}; fp32; DP={args.dp}; {args.steps} steps")
+          f"heads, vocab {args.vocab}; fp32; DP={args.dp}; {args.steps} steps of {args.accum} "
+          "micro-steps")
     print(f"shrink relative to TP{base['tp']} ZeRO-{base['zero']}; Psi_r and memory of the "
           f"{2 * args.layers}-layer model")
     print(f"{'grid':<12}{'Psi_r (M)':>10}{'B/param meas.':>15}{'B/param pred.':>15}"

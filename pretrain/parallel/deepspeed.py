@@ -42,6 +42,10 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict:
         zero["reduce_bucket_size"] = reduce_bucket_size(cfg)
         if par.zero_stage == 3:
             zero["stage3_prefetch_bucket_size"] = int(0.9 * zero["reduce_bucket_size"])
+            # parameters below this size stay whole on every rank (no gather for norms and
+            # biases); DeepSpeed's default, 1e5, would keep the matrices of models up to
+            # d_model ~300 whole, i.e. not ZeRO-3 at all (Hugging Face's `auto` is 10 x d_model)
+            zero["stage3_param_persistence_threshold"] = 10 * cfg.model.d_model
         if par.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if par.offload_params:
