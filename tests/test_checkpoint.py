@@ -334,3 +334,33 @@ def test_real_deepspeed_resume_continues_with_identical_losses(tmp_path):
     assert r["state"] == {"step": 2, "samples_seen": 8}
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
     assert (ckpt / MARKER).is_file() and list(ckpt.glob("*optim_states.pt"))
+
+
+def test_weights_file_round_trip_and_refusal_of_another_model(tmp_path):
+    """The weights file `consolidate` and `import` write: the whole model, a tied matrix once,
+    the model config in the header; a model of another config is refused, naming the keys."""
+    from pretrain.config import ModelConfig
+    from pretrain.model import build_model
+    from pretrain.saved_model import (
+        SavedModelError, load_weights_file, model_from_weights_file, save_weights_file,
+        unique_state,
+    )
+
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=16)
+    torch.manual_seed(0)
+    model = build_model(cfg, 64)
+    path = save_weights_file(unique_state(model), tmp_path / "w.safetensors", model=cfg,
+                             vocab_size=64)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert "wte.weight" in f.keys() and "lm_head.weight" not in f.keys()  # tied: once
+    back = model_from_weights_file(path)
+    assert back.lm_head.weight is back.wte.weight
+    for name, t in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+
+    deeper = build_model(cfg.model_copy(update={"n_layer": 3}), 64)
+    with pytest.raises(SavedModelError, match=r"do not fit the model config") as e:
+        load_weights_file(deeper, path)
+    assert "h.2.attn.q_proj.weight" in str(e.value)  # the missing keys are listed

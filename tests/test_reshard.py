@@ -109,19 +109,23 @@ def test_checkpoints_follow_the_run_across_grids(small_data, reference, tmp_path
             torch.testing.assert_close(w, theirs[name], atol=5e-5, rtol=0, msg=f"{step} {name}")
 
 
-def test_convert_then_resume_on_tp2_dp2_zero3(small_data, reference, tmp_path):
+def test_convert_then_resume_on_tp2_dp2_zero3(small_data, reference, tmp_path, capsys):
     """`pretrain checkpoint convert` writes whole tensors; TP2 x DP2 under ZeRO-3 resumes from
-    them and continues the reference's curve. Consolidation and HF export work from it."""
-    proc = run_cli(["checkpoint", "convert", str(reference), str(tmp_path / "latest")])
-    assert f"step-{STEPS:08d}" in proc.stdout  # a run directory means its latest checkpoint
-    bad = run_cli(["checkpoint", "convert", str(reference), str(tmp_path / "x"),
-                   "--tensor-parallel", "3"], check=False)
-    assert bad.returncode == 2 and "3 does not divide model.n_head=4" in bad.stderr
+    them and continues the reference's curve. Consolidation and HF export work from it. (The
+    offline commands run in this process: they need no process group.)"""
+    from pretrain.cli import main as cli_main
+
+    assert cli_main(["checkpoint", "convert", str(reference), str(tmp_path / "latest")]) == 0
+    assert f"step-{STEPS:08d}" in capsys.readouterr().out  # a run directory: its latest
+    assert cli_main(["checkpoint", "convert", str(reference), str(tmp_path / "x"),
+                     "--tensor-parallel", "3"]) == 2
+    assert "3 does not divide model.n_head=4" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
     out = tmp_path / "converted"
-    run_cli(["checkpoint", "convert", str(reference / "checkpoints" / f"step-{SEGMENT:08d}"),
-             str(out), "--tensor-parallel", "2"])
+    assert cli_main(["checkpoint", "convert",
+                     str(reference / "checkpoints" / f"step-{SEGMENT:08d}"), str(out),
+                     "--tensor-parallel", "2"]) == 0
     proc = train(small_data, out, tp=2, dp=2, zero=3, steps=SEGMENT + 3,
                  extra=["checkpoint.save_final=false"])
     assert f"resumed from step {SEGMENT}" in proc.stdout
@@ -129,8 +133,9 @@ def test_convert_then_resume_on_tp2_dp2_zero3(small_data, reference, tmp_path):
                                                                           SEGMENT + 4))
 
     hf_dir = tmp_path / "hf"
-    run_cli(["checkpoint", "consolidate", str(out / "checkpoints" / f"step-{SEGMENT:08d}"),
-             "--out", str(tmp_path / "m.safetensors"), "--hf", str(hf_dir)])
+    assert cli_main(["checkpoint", "consolidate",
+                     str(out / "checkpoints" / f"step-{SEGMENT:08d}"),
+                     "--out", str(tmp_path / "m.safetensors"), "--hf", str(hf_dir)]) == 0
     from transformers import GPT2LMHeadModel
 
     from pretrain.saved_model import model_from_weights_file

@@ -30,14 +30,15 @@ Masks and bias, the same for every kernel:
 * A query row whose keys are all masked (e.g. a padding query under left padding) outputs zeros
   and passes zero gradient: never NaN.
 
-Tensor parallelism (later, from outside the model) splits heads by slicing the output features of
-every head projection (`MultiHeadAttention.head_projections()`: q_proj, k_proj, v_proj, or
-qk_proj, v_proj, plus any global ones) and the input features of o_proj. The number of heads in
-forward is therefore derived from the projection width (`out_features // head_dim`), never from
-`n_head`, so the sliced module runs unchanged on its share of heads. `n_head` records the count
-the module was built with; a TP transform updates it for the record. Kernels treat heads
-independently (Reformer's random rotations are shared by all heads), so a head-sliced module
-computes exactly its share of the unsliced one.
+Tensor parallelism (pretrain/parallel/tensor_parallel.py, from outside the model) splits heads
+by slicing the output features of every head projection (`MultiHeadAttention.head_projections()`:
+q_proj, k_proj, v_proj, or qk_proj, v_proj, plus any global ones) and the input features of
+o_proj. The number of heads in forward is therefore derived from the projection width
+(`out_features // head_dim`), never from `n_head`, so the sliced module runs unchanged on its
+share of heads. `n_head` records the count the module was built with; a TP transform updates it
+for the record. Kernels treat heads independently (Reformer's random rotations are shared by all
+heads, drawn from the stream every tensor-parallel rank shares), so a head-sliced module computes
+exactly its share of the unsliced one.
 
 Layout of the projections (nn.Linear, weight [out, in]): q_proj, k_proj, v_proj: [D, D], head h
 owns output rows h*d:(h+1)*d; o_proj: [D, D], head h owns input columns h*d:(h+1)*d. Hugging
