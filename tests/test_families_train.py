@@ -70,7 +70,8 @@ def test_family_trains_resumes_exports_and_generates(config, tp, bert_t5_data, t
     # dropout and a loader worker make the resume sensitive to RNG and loader state
     common = ["parallel.zero_stage=2", "model.dropout=0.1", "data.num_workers=1",
               "optim.lr=3e-3", "optim.warmup_steps=2", "optim.decay_steps=16",
-              "checkpoint.interval=8", "train.eval_interval=8", f"parallel.tensor_parallel={tp}"]
+              "checkpoint.interval=8", "train.eval_interval=8", f"parallel.tensor_parallel={tp}",
+              f"train.grad_accum_steps={tp}"]  # the same global batch (8) on either grid
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_cli(["train", str(config), *overrides(bert_t5_data, whole, *common),
              "train.max_steps=16", "--nproc", "2"])
