@@ -263,6 +263,9 @@ def load_sweep(path: str | os.PathLike, *, local: bool = False) -> Sweep:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
                 problems.append(f"{where}: {key} must be an integer >= {least}, got {v!r}")
         point_name = str(values.get("name") or _auto_name(values, all_keys) or f"point{i}")
+        if "name" in entry and len(combos) > 1:  # a named entry of the list, at each grid point
+            rest = {k: v for k, v in combo.items() if k not in entry}
+            point_name = "-".join(filter(None, [point_name, _auto_name(rest, all_keys)]))
         if point_name in names:
             problems.append(f"{where} and point {names[point_name]} are both named "
                             f"{point_name!r}: give one a name:")
