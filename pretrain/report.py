@@ -413,6 +413,7 @@ def plots(rows: list[RunSummary], scale: list[dict], fit: PowerLawFit | None,
             {"label": f"{name} measured", "x": x, "y": [p["tokens_per_sec"] for p in points],
              "efficiency": [p["efficiency"] for p in points]},
             {"label": f"{name} ideal", "x": x, "y": [p["ideal"] for p in points]}]
+    ax.set_xticks(sorted({s["nodes"] for s in scale}) or [1])
     ax.set(xlabel="nodes", ylabel="tokens/s", title="Throughput against nodes (ideal: linear)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
