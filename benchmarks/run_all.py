@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["train_throughput.py", "data_prep.py", "loader_throughput.py", "resume_seek.py",
-           "gpu_mfu.py"]
+           "planner_memory.py", "gpu_mfu.py"]
 
 
 def main() -> int:

@@ -45,9 +45,10 @@ class PeakMemory:
     GPU: torch.cuda.max_memory_allocated (tensors only; the CUDA context and the caching
     allocator's reserve are not counted). CPU: the peak resident set size (getrusage's
     ru_maxrss, the kernel's high-water mark of this process, DataLoader workers excluded).
-    `base` is the same measure taken when the meter is created, before the model exists: on
-    CPU the interpreter, torch and DeepSpeed; on GPU usually 0. What the run's model, optimizer
-    and activations took is peak - base.
+    `base` is the same measure taken when the meter is created (the trainer does so once the
+    process group is up, before the model exists): on CPU the interpreter, torch, DeepSpeed
+    and gloo; on GPU usually 0. What the run's model, optimizer and activations took is
+    peak - base, which is what `pretrain plan` predicts.
     """
 
     def __init__(self, device: torch.device):
@@ -109,7 +110,9 @@ class MetricsLogger:
         if self._tb is not None and "step" in record:
             kind = "eval" if "val_loss" in record else "train"
             for k, v in record.items():
-                if k not in ("step", "time", "elapsed") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k in ("step", "time", "elapsed") or isinstance(v, bool):
+                    continue
+                if isinstance(v, (int, float)):
                     self._tb.add_scalar(f"{kind}/{k}", v, record["step"])
 
     def close(self) -> None:

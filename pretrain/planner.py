@@ -431,6 +431,7 @@ class Plan:
     """When it does not fit: (change, peak with that change) for changes that fit."""
     problems: list[str] = field(default_factory=list)
     """Why the layout is invalid (degrees that do not divide, ...)."""
+    vocab_size: int = 0
 
     @property
     def fits(self) -> bool | None:
@@ -508,7 +509,7 @@ def plan(cfg: Config, layout: Layout, *, gpu_memory: float | None = None,
     out = Plan(layout=layout, params=params, psi_r=psi_r, memory=memory, peak=peak,
                capacity=capacity, largest_micro_batch=None, tokens_per_step=tokens_per_step,
                flops_per_token=flops, step_time=step_time, tokens_per_sec=tokens_per_sec,
-               problems=layout_problems(cfg, layout))
+               problems=layout_problems(cfg, layout), vocab_size=vocab)
     if capacity is not None:
         out.largest_micro_batch = largest_micro_batch(cfg, layout, params, vocab, capacity)
         if not out.fits:
@@ -623,9 +624,9 @@ def format_plan(cfg: Config, p: Plan, source: str, mfu: float, peak_tflops: floa
             lines.append(f"    {name:<44}{gib(value)}")
     other = activation_bytes(cfg, L.micro_batch_size, tp=L.tensor_parallel,
                              precision=L.precision, checkpointing=not L.activation_checkpointing,
-                             device=L.device, vocab_size=None)["total"]
-    lines.append(f"    {'(activations ' + ('without' if L.activation_checkpointing else 'with') + ' checkpointing)':<44}"
-                 f"{gib(other)}")
+                             device=L.device, vocab_size=p.vocab_size)["total"]
+    flipped = "without" if L.activation_checkpointing else "with"
+    lines.append(f"    {'(activations ' + flipped + ' checkpointing)':<44}{gib(other)}")
     lines.append(f"    {'peak':<44}{gib(p.peak)}")
     if p.capacity is not None:
         lines.append(f"  capacity: {gpu_memory / GiB:.1f} GiB per GPU, "

@@ -112,7 +112,8 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> PowerLawFi
     ss_tot = float(np.sum((L - L.mean()) ** 2))
     stderr = None
     if np.all(np.isfinite(cov)):
-        stderr = {"b": float(math.sqrt(max(cov[1, 1], 0))), "c": float(math.sqrt(max(cov[2, 2], 0)))}
+        stderr = {"b": math.sqrt(max(float(cov[1, 1]), 0.0)),
+                  "c": math.sqrt(max(float(cov[2, 2]), 0.0))}
     return PowerLawFit(a=float(A * scale**b), b=float(b), c=float(c),
                        r2=1 - ss_res / ss_tot if ss_tot > 0 else 1.0,
                        rmse=math.sqrt(ss_res / len(L)), n=len(L), stderr=stderr)

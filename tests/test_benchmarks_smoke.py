@@ -27,6 +27,7 @@ SMOKE = {
     "loader_throughput.py": ["--samples", "3000", "--batches", "20", "--steps", "1",
                              "--rounds", "1", "--workers", "0", "1"],
     "resume_seek.py": ["--gb", "0.01", "--rounds", "1"],
+    "planner_memory.py": ["--tiny"],
     "gpu_mfu.py": ["--tiny"],
 }
 
