@@ -187,6 +187,8 @@ def transient_bytes(params: ParamCounts, psi_r: int, zero_stage: int, dp: int, p
       and the quotient): per parameter for ZeRO-0, of the whole fp32 partition for ZeRO 1-3,
       which hold their gradient partition in fp32 at that moment (ZeRO-2/3 as a copy of the
       reduced partition).
+    * gradient buffers: what DeepSpeed allocates once and keeps (BF16_Optimizer's fp32
+      gradients; ZeRO-3's flat gradient partition).
     * gathered params (ZeRO-3): up to stage3_max_live_parameters (1e9) gathered parameters
       stay alive between their uses, so a model below that size is whole on every rank, next
       to its partition.
@@ -196,16 +198,27 @@ def transient_bytes(params: ParamCounts, psi_r: int, zero_stage: int, dp: int, p
     bucket = DS_REDUCE_BUCKET if device == "gpu" else min(DS_REDUCE_BUCKET, psi_r)
     partition = psi_r / dp
     out: dict[str, float] = {}
-    if zero_stage == 0:
+    temps = 0.0 if offload_optimizer else 2 * 4 * partition  # AdamW on the fp32 partition
+    if zero_stage == 0 and precision == "bf16":
+        # BF16_Optimizer: an fp32 gradient buffer allocated at the start, bf16 gradients
+        # reduced through a flat copy, the fp32 master partitioned as in ZeRO-1
+        out["gradient buffers"] = 4 * psi_r
+        out["gradient reduction"] = 2 * 2 * psi_r
+        out["optimizer step"] = temps
+    elif zero_stage == 0:  # fp32 (torch's AdamW per parameter) or fp16 (fp32 grads at the step)
         out["gradient reduction"] = grads + psi_r * b
-        out["optimizer step"] = grads + 2 * 4 * params.largest
-    else:
+        out["optimizer step"] = grads + (4 * psi_r if b == 2 else 0) + 2 * 4 * params.largest
+    elif zero_stage in (1, 2):
         out["gradient reduction"] = grads + bucket * (4 if zero_stage == 1 else b)
         if zero_stage == 1:  # accumulated into the fp32 partition
             fp32_grads = 4 * partition
         else:  # the reduced partition, and (fp32 model) its fp32 copy
             fp32_grads = grads + (4 * partition if precision == "fp32" else 0)
-        out["optimizer step"] = 0.0 if offload_optimizer else fp32_grads + 2 * 4 * partition
+        out["optimizer step"] = (0.0 if offload_optimizer else fp32_grads) + temps
+    else:  # ZeRO-3 allocates its flat gradient partition at the start
+        out["gradient buffers"] = grads
+        out["gradient reduction"] = bucket * b
+        out["optimizer step"] = (0.0 if offload_optimizer else 4 * partition) + temps
     if zero_stage == 3:
         out["gathered params"] = min(DS_MAX_LIVE_PARAMETERS, psi_r) * b
     return out
@@ -418,7 +431,7 @@ class Plan:
     params: ParamCounts
     psi_r: int
     memory: dict[str, float]
-    """Per rank: params, grads, optimizer, DeepSpeed buffers, activations (and their parts)."""
+    """Per rank: params, grads, optimizer, activations (and their parts), transients."""
     peak: float
     capacity: float | None
     """Usable bytes per GPU (after the headroom), None when not given."""
@@ -477,9 +490,11 @@ def memory_breakdown(cfg: Config, layout: Layout, params: ParamCounts,
 
 
 def peak_bytes(memory: dict[str, float]) -> float:
-    """Parameters + optimizer states (+ ZeRO-3's gathered parameters), plus the largest of the
-    three moments: forward/backward (activations), gradient reduction, optimizer step."""
-    resident = memory["params"] + memory["optimizer"] + memory.get("gathered params", 0.0)
+    """Parameters + optimizer states (+ ZeRO-3's gathered parameters and the gradient buffers
+    DeepSpeed allocates at the start), plus the largest of the three moments: forward/backward
+    (activations), gradient reduction, optimizer step."""
+    resident = (memory["params"] + memory["optimizer"] + memory.get("gathered params", 0.0)
+                + memory.get("gradient buffers", 0.0))
     return resident + max(memory["activations"], memory["gradient reduction"],
                           memory["optimizer step"])
 

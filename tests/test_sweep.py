@@ -205,3 +205,15 @@ slurm: {{gpus_per_node: 0, time: '00:10:00', array_parallel: 2, chain: true}}
     # the preset comes first: the point's own key wins over the preset's n_layer
     assert two.index("model.n_layer=2 ") < two.index("model.n_layer=3")
     assert not out.exists()  # a dry run writes nothing
+
+
+def test_shipped_sweep_files_are_valid():
+    from pretrain.sweep import load_sweep
+
+    local = load_sweep(ROOT / "configs" / "sweeps" / "gpt-tiny-cpu.yaml", local=True)
+    assert [p.name for p in local.points] == ["n_layer1-n1", "n_layer1-n2", "n_layer2-n1",
+                                              "n_layer2-n2"]
+    scaling = load_sweep(ROOT / "configs" / "sweeps" / "gpt2-scaling.yaml")
+    assert sorted({(p.nodes, p.gpus_per_node) for p in scaling.points}) == [
+        (1, 8), (2, 8), (4, 8), (8, 8)]
+    assert len(scaling.points) == 8
