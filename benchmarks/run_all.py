@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["train_throughput.py", "data_prep.py", "loader_throughput.py", "resume_seek.py",
-           "long_attention.py", "gpu_mfu.py"]
+           "long_attention.py", "planner_memory.py", "gpu_mfu.py"]
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ from launch.env import DistEnv
 from pretrain.checkpoint import CheckpointManager, diff_dicts
 from pretrain.config import Config, data_parallel_size, global_batch_size
 from pretrain.config_io import resolved_dict, resolved_yaml
-from pretrain.metrics import MetricsLogger, device_peak_tflops, read_metrics
+from pretrain.metrics import MetricsLogger, PeakMemory, device_peak_tflops, read_metrics
 from pretrain.model import build_model
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 from pretrain.parallel.deepspeed import (
@@ -91,6 +91,7 @@ class Trainer:
         if backend == "auto":
             backend = "nccl" if self.device.type == "cuda" else "gloo"
         init_distributed(backend, cfg.parallel.timeout_minutes)
+        self.memory = PeakMemory(self.device)  # before the model: peak - base is the run's
         self.dp_size = data_parallel_size(cfg, env.world_size)
         self.dp_rank = env.rank // cfg.parallel.tensor_parallel
         self.global_batch = global_batch_size(cfg, env.world_size)
@@ -357,6 +358,7 @@ class Trainer:
             "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
             "epoch": self.loader.epoch,
             "restart_count": self.env.restart_count,
+            **self.memory.stats(),
             **metrics,
         }
         if self.peak_tflops:

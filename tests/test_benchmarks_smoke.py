@@ -28,6 +28,7 @@ SMOKE = {
                              "--rounds", "1", "--workers", "0", "1"],
     "resume_seek.py": ["--gb", "0.01", "--rounds", "1"],
     "long_attention.py": ["--lengths", "256", "--repeats", "1", "--impls", "dense", "longformer"],
+    "planner_memory.py": ["--tiny"],
     "gpu_mfu.py": ["--tiny"],
 }
 
