@@ -238,6 +238,21 @@ class DataConfig(Section):
     (one document per file)."""
     text_field: str = "text"
     """JSONL field or Parquet column that holds the document text."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A JSONL line that is not valid JSON, not an object, lacks data.text_field or holds a
+    non-string there; a Parquet file that is not Parquet or lacks a string data.text_field
+    column. `error`: `pretrain prepare` stops, naming the file and line. `skip`: the line (the
+    Parquet file) is left out, counted in the manifest and listed in <data.dir>/skipped.jsonl."""
+    on_binary_file: Literal["skip", "error"] = "skip"
+    """A text-format file with a NUL byte in its first 8 KiB (an image, an archive, a compiled
+    file in a source tree). `skip`: left out, counted in the manifest and listed in
+    <data.dir>/skipped.jsonl. `error`: `pretrain prepare` stops, naming the file."""
+    on_invalid_utf8: Literal["replace", "skip", "error"] = "replace"
+    """Bytes that are not valid UTF-8 (a Latin-1 file, a cut multi-byte character).
+    `replace`: the document is kept with each bad sequence replaced by U+FFFD, counted per file
+    in the manifest. `skip`: the document (text file, JSONL line, Parquet row) is left out and
+    listed in <data.dir>/skipped.jsonl. `error`: `pretrain prepare` stops, naming the file, the
+    line (row) and the byte offset."""
     dir: str = "data/stdlib"
     """Where `pretrain prepare` writes the tokenizer, the shards and manifest.json, and where
     training reads them."""
