@@ -136,23 +136,25 @@ def _read_text(unit: dict, policy: ReadPolicy) -> UnitDocs:
 
 
 def _jsonl_lines(raw: bytes, unit: dict, policy: ReadPolicy,
-                 out: UnitDocs) -> list[tuple[int, str]]:
-    """(line number, text) of the unit's lines, decoded as data.on_invalid_utf8 says."""
+                 out: UnitDocs) -> list[tuple[int, str, str | None]]:
+    """(line number, text, None) of the unit's lines, decoded as data.on_invalid_utf8 says;
+    (line number, "", why) for a line that is not UTF-8 and is to be skipped."""
     first = unit["first"]
     text, replaced = decode_utf8(raw)
     if not replaced or policy.invalid_utf8 == "replace":
         out.replaced += replaced
         # "\n" is ASCII, so replacement characters never swallow a line end: numbers stay exact.
-        return list(enumerate(text.split("\n"), start=first))
-    lines, offset = [], unit["start"]
+        return [(n, line, None) for n, line in enumerate(text.split("\n"), start=first)]
+    lines: list[tuple[int, str, str | None]] = []
+    offset = unit["start"]
     for lineno, line in enumerate(raw.split(b"\n"), start=first):
         try:
-            lines.append((lineno, line.decode("utf-8")))
+            lines.append((lineno, line.decode("utf-8"), None))
         except UnicodeDecodeError:
             reason = _bad_utf8(line, offset)
             if policy.invalid_utf8 == "error":
                 raise DataError(f"{unit['path']}:{lineno}: {reason}. {_UTF8_FIX}") from None
-            out.skipped.append(skip_record(unit["path"], "invalid UTF-8", reason, line=lineno))
+            lines.append((lineno, "", reason))
         offset += len(line) + 1
     return lines
 
@@ -167,7 +169,10 @@ def _read_jsonl(unit: dict, text_field: str, policy: ReadPolicy) -> UnitDocs:
             raise DataError(f"{path}:{lineno}: {message}{_RECORD_FIX}")
         out.skipped.append(skip_record(path, kind, reason, line=lineno))
 
-    for lineno, line in _jsonl_lines(raw, unit, policy, out):
+    for lineno, line, not_utf8 in _jsonl_lines(raw, unit, policy, out):
+        if not_utf8:
+            out.skipped.append(skip_record(path, "invalid UTF-8", not_utf8, line=lineno))
+            continue
         if not line.strip():
             continue
         try:

@@ -185,6 +185,20 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+@contextmanager
+def _closing(batches) -> Iterator:
+    """Iterate Ray Data batches and stop the iterator on leaving (an error or an early break),
+    while Ray is still up: left to the garbage collector after ray.shutdown, Ray Data logs a
+    traceback ("Ray is not initialized") after our clean error message."""
+    iterator = iter(batches)
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
 def _tasks_dataset(tasks: list[list[dict]]):
     import ray.data
 
@@ -239,17 +253,18 @@ def _scan(tasks: list[list[dict]], data: DataConfig
             fn_kwargs={"text_field": data.text_field, "val_fraction": data.val_fraction,
                        "policy": policy},
         )
-        results = (json.loads(r) for table in ds.iter_batches(batch_size=None,
-                                                              batch_format="pyarrow")
-                   for r in table.column("scan").to_pylist())
-        for task, res in zip(parsed, results):
-            skipped += [(index[id(task[k])], r) for k, records in res["skipped"] for r in records]
-            if res["error"]:
-                errors.append((index[id(task[res["error_unit"]])], res["error"]))
-                break  # later tasks hold later units
-            docs, val = docs + res["docs"], val + res["val"]
-            if res["min"] and (lowest is None or tuple(res["min"]) < lowest):
-                lowest = tuple(res["min"])
+        with _closing(ds.iter_batches(batch_size=None, batch_format="pyarrow")) as batches:
+            results = (json.loads(r) for table in batches
+                       for r in table.column("scan").to_pylist())
+            for task, res in zip(parsed, results):
+                skipped += [(index[id(task[k])], r) for k, records in res["skipped"]
+                            for r in records]
+                if res["error"]:
+                    errors.append((index[id(task[res["error_unit"]])], res["error"]))
+                    break  # later tasks hold later units
+                docs, val = docs + res["docs"], val + res["val"]
+                if res["min"] and (lowest is None or tuple(res["min"]) < lowest):
+                    lowest = tuple(res["min"])
     if errors:
         raise DataError(min(errors)[1])
     skipped.sort(key=lambda item: item[0])  # stable: records of a unit keep their file order
@@ -343,22 +358,23 @@ def _tokenize_and_write(tasks: list[list[dict]], data: DataConfig, workers: int,
     bar = tqdm(total=sum(u["size"] for t in tasks for u in t), unit="B", unit_scale=True,
                desc="tokenize", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     try:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in table.to_pylist():
-                st = json.loads(row["stats"])
-                if st["error"]:
-                    raise DataError(st["error"])
-                for i, split in enumerate(SPLITS):
-                    packers[split].feed(np.frombuffer(row[split], dtype=dtype))
-                    totals["docs"][i] += st["docs"][i]
-                totals["bytes"] += st["bytes"]
-                totals["empty"] += st["empty"]
-                totals["skipped"] += st["skipped"]
-                for path, n in st["replaced"].items():
-                    totals["replaced"][path] = totals["replaced"].get(path, 0) + n
-                bar.update(next(sizes))
-                bar.set_postfix(tokens=f"{sum(p.tokens for p in packers.values()):,}",
-                                refresh=False)
+        with _closing(ds.iter_batches(batch_size=None, batch_format="pyarrow")) as batches:
+            for table in batches:
+                for row in table.to_pylist():
+                    st = json.loads(row["stats"])
+                    if st["error"]:
+                        raise DataError(st["error"])
+                    for i, split in enumerate(SPLITS):
+                        packers[split].feed(np.frombuffer(row[split], dtype=dtype))
+                        totals["docs"][i] += st["docs"][i]
+                    totals["bytes"] += st["bytes"]
+                    totals["empty"] += st["empty"]
+                    totals["skipped"] += st["skipped"]
+                    for path, n in st["replaced"].items():
+                        totals["replaced"][path] = totals["replaced"].get(path, 0) + n
+                    bar.update(next(sizes))
+                    bar.set_postfix(tokens=f"{sum(p.tokens for p in packers.values()):,}",
+                                    refresh=False)
         shards = {s: w.close() for s, w in writers.items()}
     except BaseException:
         for w in writers.values():
