@@ -277,6 +277,13 @@ class DataConfig(Section):
     """Shuffle shard order and samples within a shard, as a function of (seed, epoch)."""
     verify_checksums: bool = True
     """Check each shard's sha256 against the manifest when it is opened."""
+    on_corrupt: Literal["error", "skip"] = "error"
+    """A shard that is missing, truncated or whose sha256 differs from the manifest, or a sample
+    that does not decode. `error`: training stops, naming the shard, the position and what to
+    do. `skip`: the samples that cannot be trusted are skipped (a shard whose checksum fails:
+    all of it; the manifest checksums shards, not samples): their rows stay in the batch with
+    nothing to predict, and they are counted in metrics.jsonl (skipped_samples), listed in
+    <run.dir>/corrupt_samples/ and reported as skipped by the audit."""
     audit: bool = False
     """Record, per rank, the position, epoch and id of every consumed sample under
     <run.dir>/audit/, to prove exactly-once coverage."""

@@ -62,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    from data_pipeline.shard_reader import ShardError
+
     try:
         summary = trainer.train()
+    except ShardError as e:  # damaged data: the message names the shard, position and fix
+        print(f"error: rank {env.rank}: {e}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     status_file = os.environ.get(STATUS_FILE_VAR)

@@ -1,0 +1,233 @@
+"""Damaged shards at load time: a byte flipped (sha256 differs from the manifest), a truncated
+shard, a missing shard, a sample that does not decode.
+
+By default the loader stops with an error naming the shard, the position and what to do (raised
+as it is from a DataLoader worker, not inside torch's worker traceback; the training command
+prints it in one line). With on_corrupt="skip" the damaged samples are skipped: they keep their
+positions (ranks, resume state and the exactly-once audit are unchanged), carry nothing to
+predict, are listed per rank in the corrupt_samples directory and reported as skipped by the
+audit; the trainer counts them in metrics.jsonl. Synthetic shards (tests/shards.py) for the
+loader, the session's tiny_data for the two training runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CONFIG, run_cli, train_records
+from shards import make_dataset, replace_shard, sample_tokens
+
+from data_pipeline.audit import check_exactly_once
+from data_pipeline.corrupt_log import read_corrupt
+from data_pipeline.format import Manifest, sample_key, shard_name
+from data_pipeline.loader import IGNORE_INDEX, ShardedLoader, iter_eval
+from data_pipeline.objectives import CausalLM
+from data_pipeline.order import StreamOrder
+from data_pipeline.shard_reader import MissingShardError, ShardError
+
+TRAIN = [7, 12, 5, 9, 11]  # samples 0-6, 7-18, 19-23, 24-32, 33-43
+N = sum(TRAIN)
+VOCAB = 500
+MEMBER = 2048  # tar bytes of one sample in shards.py: PAX and tar headers, .npy padded to 512
+
+
+def flip_byte(path: Path, offset: int = 700) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def truncate(path: Path, members: int) -> None:
+    """Keep `members` whole samples and a piece of the next."""
+    path.write_bytes(path.read_bytes()[: members * MEMBER + 300])
+
+
+def damage(data: Path) -> dict[int, str]:
+    """Flip a byte in shard 1, delete shard 3, truncate shard 4 after 4 samples.
+    Returns {damaged sample id: what the skip reason says} with checksums verified."""
+    flip_byte(data / shard_name("train", 1))
+    (data / shard_name("train", 3)).unlink()
+    truncate(data / shard_name("train", 4), 4)
+    return {**{i: "sha256" for i in range(7, 19)}, **{i: "missing" for i in range(24, 33)},
+            **{i: "sha256" for i in range(33, 44)}}
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    path = tmp_path / "data"
+    make_dataset(path, {"train": TRAIN, "val": [6, 5]}, seq_len=8, vocab_size=VOCAB)
+    return path
+
+
+def take(loader, steps: int) -> list[dict]:
+    it = iter(loader)
+    try:
+        return [next(it) for _ in range(steps)]
+    finally:
+        it.close()
+
+
+@pytest.mark.parametrize("fault", ["flip", "truncate", "missing"])
+def test_default_error_names_shard_position_and_fix(data, fault):
+    path = data / shard_name("train", 2)  # samples 19-23: positions 19-23 unshuffled
+    {"flip": flip_byte, "truncate": lambda p: truncate(p, 2), "missing": Path.unlink}[fault](path)
+    loader = ShardedLoader(data, micro_batch_size=8, shuffle=False, num_workers=1)
+    expected = {"flip": rf"shard {path}: sha256 \w+\.\.\. does not match the manifest's",
+                "truncate": rf"shard {path}: sha256", "missing": rf"shard {path} listed in the "
+                                                                 "manifest is missing"}[fault]
+    with pytest.raises(MissingShardError if fault == "missing" else ShardError,
+                       match=expected) as info:
+        take(loader, 3)  # batch 2 covers positions 16-23
+    message = str(info.value)
+    assert "(needed for train position 19, epoch 0)" in message
+    assert "re-run `pretrain prepare CONFIG --force`" in message
+    assert "Traceback" not in message and "worker process" not in message
+    if fault == "missing":
+        assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skip_keeps_positions_and_accounts_for_every_sample(data, tmp_path, workers):
+    bad = damage(data)
+    manifest = Manifest.load(data)
+    audit, corrupt = tmp_path / "audit", tmp_path / "corrupt"
+    m, d, steps = 4, 2, 11  # 88 positions: two epochs of 44
+    ranks = [ShardedLoader(data, micro_batch_size=m, dp_rank=r, dp_size=d, seed=3,
+                           num_workers=workers, on_corrupt="skip", transform=CausalLM(),
+                           audit_dir=audit, corrupt_dir=corrupt) for r in range(d)]
+    skipped_positions = set()
+    for loader in ranks:
+        for batch in take(loader, steps):
+            ids, skipped = batch["sample_ids"].tolist(), batch["skipped"].tolist()
+            assert skipped == [i in bad for i in ids]
+            for k, (i, s) in enumerate(zip(ids, skipped)):
+                row, labels = batch["input_ids"][k], batch["inputs"]["labels"][k]
+                if s:  # EOS filler with nothing to predict; the inputs keep the filler
+                    assert (row == 0).all() and (labels == IGNORE_INDEX).all()
+                    assert (batch["inputs"]["input_ids"][k] == 0).all()
+                    skipped_positions.add(int(batch["positions"][k]))
+                else:  # the real sample
+                    assert torch.equal(row, torch.from_numpy(sample_tokens(i, 9, VOCAB)))
+                    assert torch.equal(labels, row[1:])
+        assert loader.skipped_samples == loader.take_skipped() > 0
+        assert loader.take_skipped() == 0
+        loader.close()
+    assert len(skipped_positions) == 2 * len(bad)  # both epochs
+
+    report = check_exactly_once(audit, manifest, m * d * steps)
+    assert report.full_epochs == 2 and report.records == 88
+    assert {p for p, _ in report.skipped} == skipped_positions
+    assert {key for _, key in report.skipped} == {sample_key("train", i) for i in bad}
+
+    listed = read_corrupt(corrupt)
+    assert set(listed) == skipped_positions
+    order = StreamOrder(TRAIN, seed=3)
+    for position, record in listed.items():
+        epoch, shard, row = order.locate(position)
+        sample = manifest.splits["train"].shards[shard].first_sample + row
+        assert record["epoch"] == epoch and record["key"] == sample_key("train", sample)
+        assert record["shard"] == shard_name("train", shard)
+        assert bad[sample] in record["reason"] and str(data) in record["reason"]
+
+
+def test_skip_resume_replays_the_same_skips_and_lists_them_once(data, tmp_path):
+    damage(data)
+    corrupt = tmp_path / "corrupt"
+    kw = dict(micro_batch_size=3, seed=5, on_corrupt="skip")
+    whole = take(ShardedLoader(data, **kw), 25)  # 75 positions
+    first = ShardedLoader(data, corrupt_dir=corrupt, **kw)
+    it = iter(first)
+    head = [next(it) for _ in range(5)]
+    state = first.state_dict()  # the checkpoint: after 5 batches
+    head += [next(it) for _ in range(4)]  # served, then lost in a crash
+    it.close()
+    first.close()
+    resumed = ShardedLoader(data, corrupt_dir=corrupt, **kw)
+    resumed.load_state_dict(state)
+    tail = take(resumed, 20)
+    resumed.close()
+    assert state["position"] == 15 and set(state) == set(ShardedLoader(data, **kw).state_dict())
+    for got, want in zip(head[:5] + tail, whole):
+        for name in ("positions", "sample_ids", "skipped", "input_ids"):
+            assert torch.equal(got[name], want[name]), name
+    expected = {int(p) for b in whole for p, s in zip(b["positions"], b["skipped"]) if s}
+    lines = (corrupt / "train-rank00000.jsonl").read_text().splitlines()
+    assert len(lines) == len(expected) > 0  # the replayed positions are not listed twice
+    assert set(read_corrupt(corrupt)) == expected
+
+
+def test_without_checksums_only_the_damaged_samples_are_skipped(data, tmp_path):
+    truncate(data / shard_name("train", 4), 4)  # samples 33-36 whole, 37-43 lost
+    bad = [sample_tokens(i, 9, VOCAB).astype(np.uint16) for i in range(19, 24)]
+    bad[1] = bad[1].astype(np.int32)  # sample 20 does not decode as the manifest says
+    replace_shard(data, "train", 2, bad)
+    batch = take(ShardedLoader(data, micro_batch_size=N, shuffle=False, verify_checksums=False,
+                               on_corrupt="skip"), 1)[0]
+    skipped = batch["sample_ids"][batch["skipped"]].tolist()
+    assert skipped == [20, *range(37, 44)]
+    reasons = {c["row"]: c["reason"] for c in batch["corrupt"]}
+    assert "sample train0000000020 has dtype int32, the manifest says uint16" in reasons[20]
+    assert "train-000004.tar holds 4 samples but the manifest lists 11" in reasons[40]
+    served = ~batch["skipped"]
+    for i, row in zip(batch["sample_ids"][served].tolist(), batch["input_ids"][served]):
+        assert torch.equal(row, torch.from_numpy(sample_tokens(i, 9, VOCAB)))
+    # Evaluation skips the same way, and lists each position once however often it runs.
+    for _ in range(2):
+        evals = list(iter_eval(data, "train", micro_batch_size=10, verify_checksums=False,
+                               on_corrupt="skip", corrupt_dir=tmp_path / "c"))
+        assert sum(int(b["skipped"].sum()) for b in evals) == 8
+    assert sorted(read_corrupt(tmp_path / "c")) == [20, *range(37, 44)]
+
+
+# ---------------------------------------------------------------------------------------------
+# through the trainer
+
+@pytest.fixture(scope="module")
+def damaged_tiny(tiny_data, tmp_path_factory) -> tuple[Path, int, int]:
+    """tiny_data with a byte flipped in the train shard that epoch 0 reads first (seed 0):
+    (data dir, its samples, the positions of the first 10 steps of 2 ranks x 4 it covers)."""
+    data = tmp_path_factory.mktemp("damaged") / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = Manifest.load(data)
+    shards = manifest.splits["train"].shards
+    first = int(StreamOrder([s.samples for s in shards], seed=0).shard_order(0)[0])
+    flip_byte(data / shards[first].name, 2000)
+    return data, shards[first].samples, min(shards[first].samples, 80)
+
+
+def train(data: Path, run: Path, *extra: str, check: bool = True):
+    return run_cli(["train", str(TINY_CONFIG), f"data.dir={data}", f"run.dir={run}",
+                    "train.max_steps=10", "train.eval_interval=0", "checkpoint.interval=0",
+                    "data.audit=true", "train.log_interval=3", *extra, "--nproc", "2"],
+                   check=check)
+
+
+def test_training_stops_with_the_shard_named_by_default(damaged_tiny, tmp_path):
+    data, _, _ = damaged_tiny
+    proc = train(data, tmp_path / "run", check=False)
+    assert proc.returncode != 0
+    # Each rank prints the error in one line (torchrun then reports the failed ranks with a
+    # traceback of its own); no traceback from the loader or its worker.
+    assert "data_pipeline" not in proc.stderr and "worker process" not in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "error: rank 0: shard" in proc.stderr and "does not match the manifest" in proc.stderr
+    assert "(needed for train position 0, epoch 0)" in proc.stderr
+    assert "pretrain prepare CONFIG --force" in proc.stderr
+
+
+def test_training_skips_counts_and_lists_damaged_samples(damaged_tiny, tmp_path):
+    data, _, in_first_steps = damaged_tiny
+    run = tmp_path / "run"
+    train(data, run, "data.on_corrupt=skip")
+    records = [r for r in train_records(run) if "loss" in r]
+    assert [r["step"] for r in records] == [3, 6, 9, 10]
+    assert sum(r["skipped_samples"] for r in records) == in_first_steps
+    assert all(np.isfinite(r["loss"]) for r in records)
+    listed = read_corrupt(run / "corrupt_samples")
+    assert sorted(listed) == list(range(in_first_steps))  # the shard is read first
+    report = check_exactly_once(run / "audit", Manifest.load(data), 80)
+    assert [p for p, _ in report.skipped] == list(range(in_first_steps))
