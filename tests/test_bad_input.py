@@ -9,11 +9,16 @@ exactly, including a 1.5 MB line without a single space (which made BPE training
 The error policies are then checked case by case (each fails in the scan, before tokenizing), and
 once through the `pretrain prepare` command: one line, no traceback. The default error messages
 for invalid JSONL lines, missing fields and Parquet columns are in test_pipeline.py.
+
+The module's Ray is started the way the pipeline starts it, so the last test checks that it is
+private: every Ray process listens on 127.0.0.1 only, and its servers refuse a caller without
+the token.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -61,12 +66,13 @@ def letters(n: int, seed: int) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_once():
+    """One local Ray for the module, started as `pretrain prepare` starts it (init_ray)."""
     import ray
 
     started = not ray.is_initialized()
     if started:
         init_ray(DataConfig(num_cpus=2))
-    yield
+    yield started
     if started:
         ray.shutdown()
 
@@ -313,3 +319,31 @@ def test_prepare_command_reports_bad_input_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"error: {tmp_path / 'a.jsonl'}:2: not valid JSON (Unterminated string starting at")
+
+
+def test_local_ray_listens_on_localhost_only_and_wants_its_token(ray_once):
+    import grpc
+    import psutil
+    import ray
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    assert ray_once, "Ray was already running: this module's Ray is not the pipeline's"
+    info = ray._private.worker.global_worker.node.address_info
+    assert info["gcs_address"].startswith("127.0.0.1:") and not info["webui_url"]
+    listening = {(p.name(), c.laddr.ip, c.laddr.port)
+                 for p in psutil.Process().children(recursive=True)
+                 for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert {name for name, _, _ in listening} >= {"gcs_server", "raylet"}
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip, _ in listening), listening
+
+    stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(grpc.insecure_channel(info["gcs_address"]))
+    request = gcs_service_pb2.GetAllNodeInfoRequest()
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.GetAllNodeInfo(request, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.GetAllNodeInfo(request, timeout=30, metadata=[("authorization", "Bearer " + "0" * 64)])
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    token = os.environ["RAY_AUTH_TOKEN"]
+    reply = stub.GetAllNodeInfo(request, timeout=30, metadata=[("authorization", f"Bearer {token}")])
+    assert len(reply.node_info_list) == 1

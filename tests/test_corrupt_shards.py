@@ -231,3 +231,21 @@ def test_training_skips_counts_and_lists_damaged_samples(damaged_tiny, tmp_path)
     assert sorted(listed) == list(range(in_first_steps))  # the shard is read first
     report = check_exactly_once(run / "audit", Manifest.load(data), 80)
     assert [p for p, _ in report.skipped] == list(range(in_first_steps))
+
+
+def test_bert_rows_without_labels_add_nothing_and_all_skipped_is_zero_not_nan():
+    from test_families import ids, model_of, preset
+
+    model = model_of(preset("bert-tiny"))
+    x, labels, sentence = ids(3, 16), torch.full((3, 16), IGNORE_INDEX), torch.tensor([0, 1, 1])
+    labels[:, [2, 5]] = ids(3, 2, seed=1)
+    skipped = labels.clone()
+    skipped[0], sentence_skipped = IGNORE_INDEX, torch.tensor([IGNORE_INDEX, 1, 1])
+    out = model(x, skipped, sentence_labels=sentence_skipped)
+    rest = model(x[1:], labels[1:], sentence_labels=sentence[1:])
+    torch.testing.assert_close(out.loss, rest.loss)
+    none = model(x, torch.full_like(labels, IGNORE_INDEX),
+                 sentence_labels=torch.full_like(sentence, IGNORE_INDEX))
+    assert none.loss.item() == 0.0
+    none.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
