@@ -1,7 +1,7 @@
 """Read and validate one prepared WebDataset shard into a [samples, sample_len] numpy array.
 
 A shard (see format.py) is a tar of `<key>.tokens.npy` members. Reading one:
-  1. reads the file (missing file: FileNotFoundError),
+  1. reads the file (missing file: MissingShardError, also a FileNotFoundError),
   2. checks its sha256 against the manifest (optional, on by default),
   3. walks the tar with webdataset's tar iterator and groups members by key,
   4. decodes each sample's .npy into its row: row = sample index - shard.first_sample.
@@ -14,8 +14,13 @@ tar, a damaged shard -- takes the general path below, which reports what is wron
 
 General path: decoding parses the .npy header once per shard and then copies each sample's
 payload with np.frombuffer when its header bytes are identical (they are for one writer), so
-there is no per-token Python work. Every problem raises ShardError (or FileNotFoundError)
-naming the shard file, the sample key where there is one, and what to do.
+there is no per-token Python work. Every problem raises ShardError naming the shard file, the
+sample key where there is one, and what to do.
+
+`read_shard_lenient` (data.on_corrupt: skip) runs the same checks but marks the rows a problem
+concerns instead of raising: every row for a missing shard or a checksum that differs, else the
+samples that are missing (a truncated tar keeps the complete ones before the cut) or do not
+decode.
 """
 
 from __future__ import annotations
@@ -129,7 +134,7 @@ def _read(path: str | Path, info: ShardInfo, split: str, sample_len: int,
     path = Path(path)
     where = f" ({context})" if context else ""
     dtype = np.dtype(dtype)
-    rows = np.zeros((info.samples, sample_len), dtype=dtype)
+    rows = np.zeros((info.samples, sample_len), dtype=dtype)  # calloc: free until written
     try:
         data = path.read_bytes()
     except FileNotFoundError:
