@@ -135,7 +135,7 @@ class _BatchStream(IterableDataset):
         input_ids = np.empty((hi - lo, self.sample_len), dtype=np.int64)  # [m, L]
         sample_ids = np.empty(hi - lo, dtype=np.int64)  # [m]
         epochs = np.empty(hi - lo, dtype=np.int64)  # [m]
-        skipped = np.zeros(hi - lo, dtype=bool)  # [m]
+        skipped = np.zeros(hi - lo, dtype=bool) if self.skip_corrupt else None  # [m]
         corrupt: list[dict] = []  # why, for the skipped rows
         for run in order.runs(lo, hi):
             rows, bad, reasons = self._load(run, cache)
@@ -149,7 +149,8 @@ class _BatchStream(IterableDataset):
                         skipped[k + i] = True
                         corrupt.append({"row": k + i, "shard": self.shards[run.shard].name,
                                         "reason": reasons[row].replace(" " + FIX, "")})
-        input_ids[skipped] = self.fill_id
+        if corrupt:
+            input_ids[skipped] = self.fill_id
         batch: dict[str, Any] = {
             "input_ids": torch.from_numpy(input_ids),
             "positions": torch.arange(lo, hi, dtype=torch.long),

@@ -79,6 +79,9 @@ def config_hash(data: DataConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_CLUSTER_SUPPORT: dict[str, bool] = {}  # Ray's own setting, before init_ray changed it
+
+
 def init_ray(data: DataConfig) -> None:
     """Start a quiet, private local Ray (or join data.ray_address).
 
@@ -93,12 +96,14 @@ def init_ray(data: DataConfig) -> None:
     """
     import ray
 
-    quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "ignore_reinit_error": True}
-    if data.ray_address:
-        ray.init(address=data.ray_address, **quiet)
-        return
     from ray._private import ray_constants
 
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "ignore_reinit_error": True}
+    _CLUSTER_SUPPORT.setdefault("saved", ray_constants.ENABLE_RAY_CLUSTER)
+    if data.ray_address:  # this node's outward address again (after a local run here)
+        ray_constants.ENABLE_RAY_CLUSTER = _CLUSTER_SUPPORT["saved"]
+        ray.init(address=data.ray_address, **quiet)
+        return
     ray_constants.ENABLE_RAY_CLUSTER = False  # read when Ray picks the node address
     if "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
