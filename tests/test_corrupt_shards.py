@@ -13,6 +13,7 @@ loader, the session's tiny_data for the two training runs.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,50 +188,55 @@ def test_without_checksums_only_the_damaged_samples_are_skipped(data, tmp_path):
 # through the trainer
 
 @pytest.fixture(scope="module")
-def damaged_tiny(tiny_data, tmp_path_factory) -> tuple[Path, int, int]:
-    """tiny_data with a byte flipped in the train shard that epoch 0 reads first (seed 0):
-    (data dir, its samples, the positions of the first 10 steps of 2 ranks x 4 it covers)."""
+def damaged_tiny(tiny_data, tmp_path_factory) -> tuple[Path, int, range]:
+    """tiny_data with a byte flipped in the train shard that epoch 0 (seed 0) reads second, and
+    a micro-batch size M at which rank 1 of 2 reaches that shard a step before rank 0 does:
+    (data dir, M, the positions of the damaged shard within the first 10 steps)."""
     data = tmp_path_factory.mktemp("damaged") / "data"
     shutil.copytree(tiny_data, data)
-    manifest = Manifest.load(data)
-    shards = manifest.splits["train"].shards
-    first = int(StreamOrder([s.samples for s in shards], seed=0).shard_order(0)[0])
-    flip_byte(data / shards[first].name, 2000)
-    return data, shards[first].samples, min(shards[first].samples, 80)
+    shards = Manifest.load(data).splits["train"].shards
+    first, second = StreamOrder([s.samples for s in shards], seed=0).shard_order(0)[:2].tolist()
+    flip_byte(data / shards[second].name, 2000)
+    n0 = shards[first].samples  # position n0 is the damaged shard's first
+    m = next(m for m in range(3, 64) if n0 % (2 * m) >= m and 20 * m > n0 + m)
+    return data, m, range(n0, min(n0 + shards[second].samples, 20 * m))
 
 
-def train(data: Path, run: Path, *extra: str, check: bool = True):
+def train(data: Path, run: Path, m: int, *extra: str, check: bool = True):
     return run_cli(["train", str(TINY_CONFIG), f"data.dir={data}", f"run.dir={run}",
-                    "train.max_steps=10", "train.eval_interval=0", "checkpoint.interval=0",
-                    "data.audit=true", "train.log_interval=3", *extra, "--nproc", "2"],
-                   check=check)
+                    "train.max_steps=10", f"train.micro_batch_size={m}", "train.eval_interval=0",
+                    "checkpoint.interval=0", "data.audit=true", "train.log_interval=3", *extra,
+                    "--nproc", "2"], check=check)
 
 
 def test_training_stops_with_the_shard_named_by_default(damaged_tiny, tmp_path):
-    data, _, _ = damaged_tiny
-    proc = train(data, tmp_path / "run", check=False)
+    """Rank 1 meets the damaged shard while rank 0 is in the step's gradient all-reduce: the
+    run ends at once (not after the collective timeout), rank 1 naming shard and position."""
+    data, m, damaged = damaged_tiny
+    t0 = time.monotonic()
+    proc = train(data, tmp_path / "run", m, check=False)
     assert proc.returncode != 0
-    # Each rank prints the error in one line (torchrun then reports the failed ranks with a
-    # traceback of its own); no traceback from the loader or its worker.
-    assert "data_pipeline" not in proc.stderr and "worker process" not in proc.stderr, \
-        proc.stderr[-3000:]
-    assert "error: rank 0: shard" in proc.stderr and "does not match the manifest" in proc.stderr
-    assert "(needed for train position 0, epoch 0)" in proc.stderr
-    assert "pretrain prepare CONFIG --force" in proc.stderr
+    assert time.monotonic() - t0 < 300  # parallel.timeout_minutes is 10
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1: shard "), proc.stderr[-3000:]
+    assert "does not match the manifest" in errors[0]
+    assert f"(needed for train position {damaged[0]}, epoch 0)" in errors[0]
+    assert "pretrain prepare CONFIG --force" in errors[0]
+    # No traceback from the loader or a DataLoader worker (rank 0 reports the lost peer).
+    assert "shard_reader.py" not in proc.stderr and "worker process" not in proc.stderr
 
 
 def test_training_skips_counts_and_lists_damaged_samples(damaged_tiny, tmp_path):
-    data, _, in_first_steps = damaged_tiny
+    data, m, damaged = damaged_tiny
     run = tmp_path / "run"
-    train(data, run, "data.on_corrupt=skip")
+    train(data, run, m, "data.on_corrupt=skip")
     records = [r for r in train_records(run) if "loss" in r]
     assert [r["step"] for r in records] == [3, 6, 9, 10]
-    assert sum(r["skipped_samples"] for r in records) == in_first_steps
+    assert sum(r["skipped_samples"] for r in records) == len(damaged)  # both ranks
     assert all(np.isfinite(r["loss"]) for r in records)
-    listed = read_corrupt(run / "corrupt_samples")
-    assert sorted(listed) == list(range(in_first_steps))  # the shard is read first
-    report = check_exactly_once(run / "audit", Manifest.load(data), 80)
-    assert [p for p, _ in report.skipped] == list(range(in_first_steps))
+    assert sorted(read_corrupt(run / "corrupt_samples")) == list(damaged)
+    report = check_exactly_once(run / "audit", Manifest.load(data), 20 * m)
+    assert [p for p, _ in report.skipped] == list(damaged)
 
 
 def test_bert_rows_without_labels_add_nothing_and_all_skipped_is_zero_not_nan():
