@@ -143,6 +143,7 @@ class Trainer:
             verify_checksums=cfg.data.verify_checksums,
             audit_dir=self.run_dir / "audit" if cfg.data.audit else None,
             transform=self.objective,
+            on_corrupt=cfg.data.on_corrupt, corrupt_dir=self.run_dir / "corrupt_samples",
         )
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank,
                                       env.world_size)
@@ -229,7 +230,8 @@ class Trainer:
         batches = iter_eval(self.cfg.data.dir, "val", micro_batch_size=m, dp_rank=self.dp_rank,
                             dp_size=self.dp_size, max_batches=n_batches,
                             verify_checksums=self.cfg.data.verify_checksums,
-                            transform=self.objective)
+                            transform=self.objective, on_corrupt=self.cfg.data.on_corrupt,
+                            corrupt_dir=self.run_dir / "corrupt_samples")
         self.engine.eval()
         sums: dict[str, torch.Tensor] = {}  # loss and metrics, each summed x targets
         count = torch.zeros((), dtype=torch.float64, device=self.device)  # targets
@@ -361,6 +363,9 @@ class Trainer:
             **self.memory.stats(),
             **metrics,
         }
+        if self.cfg.data.on_corrupt == "skip":  # damaged samples skipped since the last record
+            n = torch.tensor(float(self.loader.take_skipped()))
+            record["skipped_samples"] = round(self._mean_over_dp({"n": n})["n"] * self.dp_size)
         if self.peak_tflops:
             achieved = self.flops_per_token * tokens_per_sec / self.env.world_size
             record["mfu"] = achieved / (self.peak_tflops * 1e12)

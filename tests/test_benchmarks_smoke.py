@@ -27,6 +27,7 @@ SMOKE = {
     "loader_throughput.py": ["--samples", "3000", "--batches", "20", "--steps", "1",
                              "--rounds", "1", "--workers", "0", "1"],
     "resume_seek.py": ["--gb", "0.01", "--rounds", "1"],
+    "shard_checks.py": ["--samples", "500", "--batches", "20", "--rounds", "1"],
     "long_attention.py": ["--lengths", "256", "--repeats", "1", "--impls", "dense", "longformer"],
     "planner_memory.py": ["--tiny"],
     "gpu_mfu.py": ["--tiny"],
