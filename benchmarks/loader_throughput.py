@@ -4,8 +4,9 @@ The data: a synthetic prepared directory (random token ids of the config's seq_l
 vocabulary, `--samples` samples in tar shards of the config's data.shard_bytes, written by the
 pipeline's own shard writer, with a manifest) in a temporary directory, removed afterwards.
 
-  * loader: `ShardedLoader` as the trainer builds it (micro-batch, shuffle, sha256 checks from the
-    config) with 0, 1 and 2 DataLoader workers, timed from iter() -- worker start included --
+  * loader: `ShardedLoader` as the trainer builds it (micro-batch, shuffle, sha256 checks and
+    on_corrupt from the config, or --verify/--no-verify, --on-corrupt) with 0, 1 and 2
+    DataLoader workers, timed from iter() -- worker start included --
     to the last of `--batches` micro-batches; each round starts at another position, so it
     decodes shards it has not seen;
   * training: the samples/s of one optimizer step of the config's model (default: the
@@ -70,6 +71,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training step")
+    ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                    help="check shard sha256s (default: the config's data.verify_checksums)")
+    ap.add_argument("--on-corrupt", choices=["error", "skip"], default=None,
+                    help="the loader's data.on_corrupt (default: the config's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -77,6 +82,8 @@ def main() -> None:
     from pretrain.config_io import load_config
 
     cfg = load_config(args.config, [])
+    verify = cfg.data.verify_checksums if args.verify is None else args.verify
+    on_corrupt = args.on_corrupt or cfg.data.on_corrupt
     m, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     vocab = cfg.data.tokenizer.vocab_size
     tmp = Path(tempfile.mkdtemp(prefix="bench-loader-"))
@@ -85,7 +92,7 @@ def main() -> None:
                                         vocab_size=vocab, shard_bytes=cfg.data.shard_bytes)
         loaders = {w: ShardedLoader(tmp, micro_batch_size=m, seed=cfg.run.seed,
                                     shuffle=cfg.data.shuffle, num_workers=w,
-                                    verify_checksums=cfg.data.verify_checksums)
+                                    verify_checksums=verify, on_corrupt=on_corrupt)
                    for w in args.workers}
         step = make_training_step(cfg, manifest)
         batches = iter(ShardedLoader(tmp, micro_batch_size=m, seed=cfg.run.seed))
@@ -121,7 +128,8 @@ def main() -> None:
     print(f"config: {args.config}: {cfg.model.family} L={cfg.model.n_layer} d={cfg.model.d_model}"
           f", micro-batch {m} x seq {seq}, vocab {manifest.tokenizer.vocab_size}; data: "
           f"{args.samples:,} synthetic samples in {len(shards)} shards of <= "
-          f"{cfg.data.shard_bytes / 2**20:g} MiB; {torch.get_num_threads()} torch threads; "
+          f"{cfg.data.shard_bytes / 2**20:g} MiB; sha256 checks {verify}, on_corrupt "
+          f"{on_corrupt}; {torch.get_num_threads()} torch threads; "
           f"best of {args.rounds} rounds ({args.steps} steps, {args.batches} batches)")
     print(table(["", "samples/s", "vs training"], rows))
     slowest = min((n for n in rate if n != "training"), key=rate.get)

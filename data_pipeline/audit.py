@@ -2,7 +2,9 @@
 
 With auditing on, each data-parallel rank appends one line per sample it hands to the trainer,
 
-    <position> <epoch> <key>
+    <position> <epoch> <key>            a sample served
+    <position> <epoch> <key> skipped    a position whose sample was damaged and skipped
+                                        (data.on_corrupt: skip; see loader.py)
 
 to <audit_dir>/<split>-rank<rank>.audit (append mode, flushed per batch). After a crash and a
 resume from the last checkpoint, the positions between the checkpoint and the crash are served
@@ -12,7 +14,8 @@ number of ranks writes other files into the same directory, which is fine: posit
 ranks, are what is checked.
 
 check_exactly_once proves, from those files alone, that positions [0, upto) were all served and
-that every complete epoch among them served each sample of the split exactly once.
+that every complete epoch among them served each sample of the split exactly once, counting a
+skipped sample as accounted for: its report says how many were skipped and which.
 """
 
 from __future__ import annotations
@@ -39,14 +42,16 @@ class AuditLog:
         self.split = split
         self._file = None
 
-    def write(self, positions: Sequence[int], sample_ids: Sequence[int], samples_per_epoch: int) -> None:
+    def write(self, positions: Sequence[int], sample_ids: Sequence[int], samples_per_epoch: int,
+              skipped: Sequence[bool] | None = None) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _drop_partial_line(self.path)
             self._file = open(self.path, "a")
+        flags = skipped if skipped is not None else [False] * len(positions)
         lines = [
-            f"{p} {p // samples_per_epoch} {sample_key(self.split, s)}\n"
-            for p, s in zip(positions, sample_ids)
+            f"{p} {p // samples_per_epoch} {sample_key(self.split, s)}{' skipped' if k else ''}\n"
+            for p, s, k in zip(positions, sample_ids, flags)
         ]
         self._file.write("".join(lines))  # one write per batch: a crash cuts at most one line
         self._file.flush()
@@ -87,6 +92,8 @@ class Audit:
     files: list[Path]
     conflicts: list[str] = field(default_factory=list)
     """Positions recorded twice with different (epoch, key): the order was not deterministic."""
+    skipped: set[int] = field(default_factory=set)
+    """Positions whose last record says `skipped`."""
 
 
 def read_audit(audit_dir: str | os.PathLike, split: str = "train") -> Audit:
@@ -94,6 +101,7 @@ def read_audit(audit_dir: str | os.PathLike, split: str = "train") -> Audit:
     if not files:
         raise FileNotFoundError(f"no {split}-rank*.audit files in {audit_dir}")
     records: dict[int, tuple[int, str]] = {}
+    skipped: set[int] = set()
     conflicts: list[str] = []
     lines = 0
     for path in files:
@@ -104,7 +112,7 @@ def read_audit(audit_dir: str | os.PathLike, split: str = "train") -> Audit:
             parts = line.split()
             try:
                 position, epoch, key = int(parts[0]), int(parts[1]), parts[2]
-                if len(parts) != 3:
+                if len(parts) != 3 and parts[3:] != ["skipped"]:
                     raise ValueError
             except (ValueError, IndexError):
                 raise ValueError(f"{path}:{lineno}: malformed audit line {line!r}") from None
@@ -115,8 +123,10 @@ def read_audit(audit_dir: str | os.PathLike, split: str = "train") -> Audit:
                     f"(epoch {epoch}) at {path.name}:{lineno}"
                 )
             records[position] = (epoch, key)
+            # The last record wins: a replay after a resume may serve a repaired shard.
+            (skipped.add if len(parts) == 4 else skipped.discard)(position)
             lines += 1
-    return Audit(records, lines, files, conflicts)
+    return Audit(records, lines, files, conflicts, skipped)
 
 
 @dataclass
@@ -131,6 +141,9 @@ class AuditReport:
     replayed: int
     """Lines that re-recorded an already recorded position (replays after a resume)."""
     files: int
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    """(position, key) of the positions below `upto` whose sample was skipped as damaged:
+    accounted for, not served."""
 
 
 def check_exactly_once(
@@ -190,6 +203,7 @@ def check_exactly_once(
         records=len(audit.records),
         replayed=audit.lines - len(audit.records),
         files=len(audit.files),
+        skipped=sorted((p, audit.records[p][1]) for p in audit.skipped if p < upto_position),
     )
 
 

@@ -1,8 +1,11 @@
-"""Reading the documents of one unit (see sources.py), repairing UTF-8, and the train/val split.
+"""Reading the documents of one unit (see sources.py), bad input, and the train/val split.
 
-Every reader returns a `UnitDocs`: parallel lists of document ids and texts plus counters. Bad
-input raises `DataError` naming the file (and line or column); invalid UTF-8 is decoded with
-U+FFFD replacement characters and counted, never an error.
+Every reader returns a `UnitDocs`: parallel lists of document ids and texts, counters, and skip
+records of what it left out. Bad input follows the `ReadPolicy` (data.on_bad_record,
+on_binary_file, on_invalid_utf8): a `DataError` naming the file (and line, row or byte offset)
+and the setting that would skip it, or a skip record {"file", "line" | "row" | "rows", "kind",
+"reason"} that ends up in <data.dir>/skipped.jsonl and the manifest's counts. Invalid UTF-8 is
+by default decoded with U+FFFD replacement characters and counted.
 
 The split is a pure function of the document id: a document goes to val iff a 64-bit hash of its
 id, read as a number in [0, 1), is below `val_fraction`. It therefore does not depend on how the
@@ -17,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from data_pipeline.sources import DataError
+from data_pipeline.sources import DataError, ReadPolicy, skip_record
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _BINARY_PROBE = 8192
@@ -33,8 +36,8 @@ class UnitDocs:
     """Invalid UTF-8 sequences (or lone surrogates) replaced by U+FFFD."""
     empty: int = 0
     """Documents left out because their text is empty (or null)."""
-    skip: str | None = None
-    """Why the whole file was left out (binary, empty), if it was."""
+    skipped: list[dict] = field(default_factory=list)
+    """What was left out, as skip records (sources.skip_record), in file order."""
 
 
 def decode_utf8(raw: bytes) -> tuple[str, int]:
@@ -76,64 +79,134 @@ def _read_bytes(path: str, start: int = 0, length: int = -1) -> bytes:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _text_skip(raw: bytes) -> str | None:
-    """Why a text file whose bytes start with `raw` is not a document (None: it is one)."""
+_UTF8_FIX = ("Set data.on_invalid_utf8: replace to keep it with U+FFFD replacement characters, "
+             "or skip to leave it out (listed in skipped.jsonl)")
+_RECORD_FIX = "; or set data.on_bad_record: skip to leave such lines out (listed in skipped.jsonl)"
+
+
+def _text_skip(path: str, raw: bytes, policy: ReadPolicy) -> dict | None:
+    """The skip record of a text file whose bytes start with `raw` (None: it is a document);
+    DataError for a binary file when data.on_binary_file is error."""
     if not raw:
-        return "empty file"
-    if b"\0" in raw[:_BINARY_PROBE]:
-        return f"binary file (NUL byte in the first {_BINARY_PROBE} bytes)"
-    return None
+        return skip_record(path, "empty file", "empty file")
+    nul = raw.find(b"\0", 0, _BINARY_PROBE)
+    if nul < 0:
+        return None
+    if policy.binary_file == "error":
+        raise DataError(
+            f"{path} is a binary file (NUL byte at offset {nul}), not text: leave it out with "
+            "data.exclude, or set data.on_binary_file: skip to skip such files (listed in "
+            "skipped.jsonl)"
+        )
+    return skip_record(path, "binary file", f"binary file (NUL byte in the first "
+                                            f"{_BINARY_PROBE} bytes)")
 
 
-def probe_text_unit(unit: dict) -> str | None:
-    """What read_unit decides about a text unit, from its first bytes only: None if it is one
-    document (id unit["rel"]), else why it is skipped. Raises DataError if it cannot be read."""
-    return _text_skip(_read_bytes(unit["path"], 0, _BINARY_PROBE))
+def _bad_utf8(raw: bytes, offset: int) -> str:
+    """Where and why `raw` (read from byte `offset` of its file) is not UTF-8."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"invalid UTF-8 at byte {offset + e.start} of the file ({e.reason})"
+    return "invalid UTF-8"
 
 
-def _read_text(unit: dict) -> UnitDocs:
-    raw = _read_bytes(unit["path"])
-    if (skip := _text_skip(raw)) is not None:
-        return UnitDocs(skip=skip)
+def probe_text_unit(unit: dict, policy: ReadPolicy = ReadPolicy()) -> dict | None:
+    """What read_unit decides about a text unit: None if it is one document (id unit["rel"]),
+    else its skip record. From the first bytes only, unless data.on_invalid_utf8 asks to check
+    the whole file. Raises DataError if it cannot be read or the policy says so."""
+    if policy.invalid_utf8 == "replace":
+        return _text_skip(unit["path"], _read_bytes(unit["path"], 0, _BINARY_PROBE), policy)
+    skipped = _read_text(unit, policy).skipped
+    return skipped[0] if skipped else None
+
+
+def _read_text(unit: dict, policy: ReadPolicy) -> UnitDocs:
+    path = unit["path"]
+    raw = _read_bytes(path)
+    if (skip := _text_skip(path, raw, policy)) is not None:
+        return UnitDocs(skipped=[skip])
     text, replaced = decode_utf8(raw)
+    if replaced and policy.invalid_utf8 != "replace":
+        if policy.invalid_utf8 == "error":
+            raise DataError(f"{path}: {_bad_utf8(raw, 0)}. {_UTF8_FIX}")
+        return UnitDocs(skipped=[skip_record(path, "invalid UTF-8", _bad_utf8(raw, 0))])
     nbytes = len(raw) if not replaced else len(text.encode("utf-8"))
     return UnitDocs([unit["rel"]], [text], nbytes, replaced)
 
 
-def _read_jsonl(unit: dict, text_field: str) -> UnitDocs:
+def _jsonl_lines(raw: bytes, unit: dict, policy: ReadPolicy,
+                 out: UnitDocs) -> list[tuple[int, str, str | None]]:
+    """(line number, text, None) of the unit's lines, decoded as data.on_invalid_utf8 says;
+    (line number, "", why) for a line that is not UTF-8 and is to be skipped."""
+    first = unit["first"]
+    text, replaced = decode_utf8(raw)
+    if not replaced or policy.invalid_utf8 == "replace":
+        out.replaced += replaced
+        # "\n" is ASCII, so replacement characters never swallow a line end: numbers stay exact.
+        return [(n, line, None) for n, line in enumerate(text.split("\n"), start=first)]
+    lines: list[tuple[int, str, str | None]] = []
+    offset = unit["start"]
+    for lineno, line in enumerate(raw.split(b"\n"), start=first):
+        try:
+            lines.append((lineno, line.decode("utf-8"), None))
+        except UnicodeDecodeError:
+            reason = _bad_utf8(line, offset)
+            if policy.invalid_utf8 == "error":
+                raise DataError(f"{unit['path']}:{lineno}: {reason}. {_UTF8_FIX}") from None
+            lines.append((lineno, "", reason))
+        offset += len(line) + 1
+    return lines
+
+
+def _read_jsonl(unit: dict, text_field: str, policy: ReadPolicy) -> UnitDocs:
     path, rel = unit["path"], unit["rel"]
     raw = _read_bytes(path, unit["start"], unit["end"] - unit["start"])
-    text, replaced = decode_utf8(raw)
-    out = UnitDocs(replaced=replaced)
-    # "\n" is ASCII, so replacement characters never swallow a line end: line numbers stay exact.
-    for i, line in enumerate(text.split("\n")):
+    out = UnitDocs()
+
+    def bad(lineno: int, kind: str, reason: str, message: str) -> None:
+        if policy.bad_record != "skip":
+            raise DataError(f"{path}:{lineno}: {message}{_RECORD_FIX}")
+        out.skipped.append(skip_record(path, kind, reason, line=lineno))
+
+    for lineno, line, not_utf8 in _jsonl_lines(raw, unit, policy, out):
+        if not_utf8:
+            out.skipped.append(skip_record(path, "invalid UTF-8", not_utf8, line=lineno))
+            continue
         if not line.strip():
             continue
-        lineno = unit["first"] + i
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}); every non-blank "
-                f"line must be a JSON object with the text in field {text_field!r} (data.text_field)"
-            ) from None
+            detail = f"{e.msg}, column {e.colno}"
+            bad(lineno, "invalid JSON", f"not valid JSON ({detail})",
+                f"not valid JSON ({detail}); every non-blank line must be a JSON object with "
+                f"the text in field {text_field!r} (data.text_field)")
+            continue
         if not isinstance(record, dict) or text_field not in record:
             has = f"fields {sorted(record)[:20]}" if isinstance(record, dict) else \
                 f"a JSON {type(record).__name__}, not an object"
-            raise DataError(
-                f"{path}:{lineno}: no field {text_field!r} (data.text_field is {text_field!r}; "
-                f"the line has {has}). Set data.text_field to the field that holds the text."
-            )
+            bad(lineno, "missing field", f"no field {text_field!r} (the line has {has})",
+                f"no field {text_field!r} (data.text_field is {text_field!r}; the line has "
+                f"{has}). Set data.text_field to the field that holds the text")
+            continue
         value = record[text_field]
         if value is None or value == "":
             out.empty += 1
             continue
         if not isinstance(value, str):
-            raise DataError(
-                f"{path}:{lineno}: field {text_field!r} (data.text_field) is a JSON "
-                f"{type(value).__name__}, expected a string"
-            )
+            kind = type(value).__name__
+            bad(lineno, "field not a string", f"field {text_field!r} is a JSON {kind}",
+                f"field {text_field!r} (data.text_field) is a JSON {kind}, expected a string")
+            continue
         value, nbytes, fixed = _clean(value)
+        if fixed and policy.invalid_utf8 != "replace":
+            reason = f"field {text_field!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+            if policy.invalid_utf8 == "error":
+                raise DataError(f"{path}:{lineno}: {reason}, which is not valid Unicode. "
+                                f"{_UTF8_FIX}")
+            out.skipped.append(skip_record(path, "invalid UTF-8", reason, line=lineno))
+            continue
         out.ids.append(f"{rel}:{lineno}")
         out.texts.append(value)
         out.bytes += nbytes
@@ -141,7 +214,7 @@ def _read_jsonl(unit: dict, text_field: str) -> UnitDocs:
     return out
 
 
-def _read_parquet(unit: dict, text_field: str) -> UnitDocs:
+def _read_parquet(unit: dict, text_field: str, policy: ReadPolicy) -> UnitDocs:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -151,7 +224,14 @@ def _read_parquet(unit: dict, text_field: str) -> UnitDocs:
         column = pq.ParquetFile(path).read_row_group(unit["start"], columns=[text_field])
         column = column.column(0)
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"cannot read row group {unit['start']} of {path}: {e}") from None
+        if policy.bad_record != "skip":
+            raise DataError(f"cannot read row group {unit['start']} of {path}: {e}. Repair or "
+                            "remove the file, or set data.on_bad_record: skip to leave unreadable "
+                            "row groups out (listed in skipped.jsonl)") from None
+        rows = [first, first + unit.get("rows", 0)]
+        return UnitDocs(skipped=[skip_record(path, "unreadable row group",
+                                             f"cannot read row group {unit['start']}: {e}",
+                                             rows=rows)])
     out = UnitDocs()
     values: list[str | bytes | None]
     try:
@@ -165,6 +245,12 @@ def _read_parquet(unit: dict, text_field: str) -> UnitDocs:
     for row, value in enumerate(values, start=first):
         if isinstance(value, bytes):
             value, fixed = decode_utf8(value)
+            if fixed and policy.invalid_utf8 != "replace":
+                reason = f"invalid UTF-8 in column {text_field!r}"
+                if policy.invalid_utf8 == "error":
+                    raise DataError(f"{path}: row {row}: {reason}. {_UTF8_FIX}")
+                out.skipped.append(skip_record(path, "invalid UTF-8", reason, row=row))
+                continue
             out.replaced += fixed
             out.bytes += len(value.encode("utf-8"))
         if not value:
@@ -175,10 +261,10 @@ def _read_parquet(unit: dict, text_field: str) -> UnitDocs:
     return out
 
 
-def read_unit(unit: dict, text_field: str) -> UnitDocs:
+def read_unit(unit: dict, text_field: str, policy: ReadPolicy = ReadPolicy()) -> UnitDocs:
     """Documents of one unit (a dict made by sources.plan_units), in file order."""
     if unit["fmt"] == "jsonl":
-        return _read_jsonl(unit, text_field)
+        return _read_jsonl(unit, text_field, policy)
     if unit["fmt"] == "parquet":
-        return _read_parquet(unit, text_field)
-    return _read_text(unit)
+        return _read_parquet(unit, text_field, policy)
+    return _read_text(unit, policy)

@@ -5,6 +5,8 @@ A prepared data directory holds
     tokenizer.json           Hugging Face tokenizers file
     train-000000.tar ...     WebDataset shards of the training split
     val-000000.tar ...       WebDataset shards of the validation split
+    skipped.jsonl            what the pipeline left out (files, lines, rows), one JSON object a
+                             line: {"file", "line" | "row" | "rows", "kind", "reason"}
     manifest.json            written last: its presence means the directory is complete
 
 Each sample in a shard is one packed sequence of `sample_len = seq_len + 1` token ids, stored as
@@ -24,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
+SKIPPED_NAME = "skipped.jsonl"
 TOKENS_FIELD = "tokens.npy"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -83,8 +86,9 @@ class Manifest(_Model):
     tokenizer: TokenizerInfo
     splits: dict[str, SplitInfo]
     stats: dict = {}
-    """Corpus statistics: files, documents, bytes, tokens, replaced UTF-8 errors, skipped files,
-    tail tokens that did not fill a last sequence, seconds, tokens/s."""
+    """Corpus statistics: files, documents, bytes, tokens, replaced UTF-8 errors, what was
+    skipped (counts by kind; the full list is skipped.jsonl), tail tokens that did not fill a
+    last sequence, seconds, tokens/s."""
     config_hash: str
     """Hash of the data config that produced this directory; a re-run with the same hash skips."""
     config: dict = {}

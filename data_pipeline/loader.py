@@ -20,6 +20,15 @@ sample_key(split, id)); epochs [M] int64 the epoch of each position. With a `tra
 model family's objective, data_pipeline/objectives), batches also carry inputs =
 transform(batch): the model's keyword arguments, computed in the worker that built the batch,
 from nothing but the batch itself.
+
+Damaged data (a missing or truncated shard, a checksum that differs from the manifest, a sample
+that does not decode): by default (on_corrupt="error") the first use raises an error naming the
+shard, the position and what to do. With on_corrupt="skip" the positions whose sample cannot be
+trusted are *skipped*: they are still consumed (the position arithmetic, the split over ranks
+and the resume state do not change), their rows hold the EOS token and every `*labels` tensor
+of `inputs` is -100 there (no loss, no gradient), batch["skipped"] [M] bool marks them and
+batch["corrupt"] says why; the loader counts them (`skipped_samples`), lists them in
+`corrupt_dir` (corrupt_log.py) and records them as skipped in the audit trail.
 """
 
 from __future__ import annotations
@@ -34,9 +43,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.audit import AuditLog
-from data_pipeline.format import Manifest, ShardInfo
+from data_pipeline.corrupt_log import CorruptLog
+from data_pipeline.format import Manifest, ShardInfo, sample_key
 from data_pipeline.order import StreamOrder
-from data_pipeline.shard_reader import read_shard
+from data_pipeline.shard_reader import FIX, ShardError, read_shard, read_shard_lenient
+
+IGNORE_INDEX = -100
+"""Label of a skipped row: the models' cross-entropy ignores it."""
+ON_CORRUPT = ("error", "skip")
 
 
 class _BatchStream(IterableDataset):
@@ -63,9 +77,12 @@ class _BatchStream(IterableDataset):
         shuffle: bool,
         verify_checksums: bool,
         transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        on_corrupt: str = "error",
     ) -> None:
         self.data_dir, self.split = data_dir, split
         self.transform = transform
+        self.skip_corrupt = on_corrupt == "skip"
+        self.fill_id = manifest.tokenizer.eos_id  # the tokens of a skipped row
         self.shards: list[ShardInfo] = manifest.splits[split].shards
         self.sample_len, self.dtype = manifest.sample_len, manifest.dtype
         self.start, self.stop, self.num_batches = start, stop, num_batches
@@ -84,36 +101,73 @@ class _BatchStream(IterableDataset):
         while (self.num_batches is None or j < self.num_batches) and (
             self.stop is None or self.batch_start(j) < self.stop
         ):
-            yield self._batch(j, order, cache)
+            try:
+                batch = self._batch(j, order, cache)
+            except ShardError as e:
+                # Raised again by the main process as it is: torch would wrap it in the
+                # worker's traceback, and the message names the shard and the position.
+                yield {"error": e}
+                return
+            yield batch
             j += workers
 
-    def _batch(self, j: int, order: StreamOrder, cache: dict[int, np.ndarray]) -> dict[str, torch.Tensor]:
+    def _load(self, run, cache: dict) -> tuple:
+        """(rows, corrupt rows or None, reasons) of the shard of `run`, from the cache."""
+        if run.shard not in cache:
+            cache.clear()  # keep one decoded shard: positions only move forward
+            info = self.shards[run.shard]
+            path = self.data_dir / info.name
+            if self.skip_corrupt:
+                rows, bad, reasons = read_shard_lenient(
+                    path, info, self.split, self.sample_len, self.dtype, self.verify)
+                cache[run.shard] = (rows, bad if bad.any() else None, reasons)
+            else:
+                cache[run.shard] = (read_shard(
+                    path, info, self.split, self.sample_len, self.dtype,
+                    verify_checksum=self.verify,
+                    context=f"needed for {self.split} position {run.start}, epoch {run.epoch}",
+                ), None, None)
+        return cache[run.shard]
+
+    def _batch(self, j: int, order: StreamOrder, cache: dict) -> dict:
         lo = self.batch_start(j)
         hi = lo + self.m if self.stop is None else min(lo + self.m, self.stop)
         input_ids = np.empty((hi - lo, self.sample_len), dtype=np.int64)  # [m, L]
         sample_ids = np.empty(hi - lo, dtype=np.int64)  # [m]
         epochs = np.empty(hi - lo, dtype=np.int64)  # [m]
+        skipped = np.zeros(hi - lo, dtype=bool) if self.skip_corrupt else None  # [m]
+        corrupt: list[dict] = []  # why, for the skipped rows
         for run in order.runs(lo, hi):
-            if run.shard not in cache:
-                cache.clear()  # keep one decoded shard: positions only move forward
-                info = self.shards[run.shard]
-                cache[run.shard] = read_shard(
-                    self.data_dir / info.name, info, self.split, self.sample_len, self.dtype,
-                    verify_checksum=self.verify,
-                    context=f"needed for {self.split} position {run.start}, epoch {run.epoch}",
-                )
+            rows, bad, reasons = self._load(run, cache)
             k = run.start - lo
-            input_ids[k : k + len(run.rows)] = cache[run.shard][run.rows]  # widen to int64
+            input_ids[k : k + len(run.rows)] = rows[run.rows]  # widen to int64
             sample_ids[k : k + len(run.rows)] = self.shards[run.shard].first_sample + run.rows
             epochs[k : k + len(run.rows)] = run.epoch
-        batch = {
+            if bad is not None:
+                for i, row in enumerate(run.rows.tolist()):
+                    if bad[row]:
+                        skipped[k + i] = True
+                        corrupt.append({"row": k + i, "shard": self.shards[run.shard].name,
+                                        "reason": reasons[row].replace(" " + FIX, "")})
+        if corrupt:
+            input_ids[skipped] = self.fill_id
+        batch: dict[str, Any] = {
             "input_ids": torch.from_numpy(input_ids),
             "positions": torch.arange(lo, hi, dtype=torch.long),
             "sample_ids": torch.from_numpy(sample_ids),
             "epochs": torch.from_numpy(epochs),
         }
+        if self.skip_corrupt:
+            batch["skipped"] = torch.from_numpy(skipped)
+            batch["corrupt"] = corrupt
         if self.transform is not None:
             batch["inputs"] = self.transform(batch)
+            if corrupt:  # nothing to predict in a skipped row
+                inputs, mask = batch["inputs"], torch.from_numpy(skipped)  # [m]
+                for name, value in inputs.items():
+                    if name.endswith("labels"):  # a new tensor: labels may view input_ids
+                        inputs[name] = value.masked_fill(
+                            mask.view(-1, *[1] * (value.dim() - 1)), IGNORE_INDEX)
         return batch
 
 
@@ -153,6 +207,8 @@ def _iterate(
         pin = False
     try:
         for j, batch in enumerate(batches):
+            if "error" in batch:
+                raise batch["error"]
             expected = stream.batch_start(j)
             got = int(batch["positions"][0]) if len(batch["positions"]) else None
             if got != expected:
@@ -170,10 +226,14 @@ def _iterate(
 
 
 def _pin(batch: dict) -> dict:
-    return {k: _pin(v) if isinstance(v, dict) else v.pin_memory() for k, v in batch.items()}
+    return {k: _pin(v) if isinstance(v, dict) else v.pin_memory() if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
-def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int) -> None:
+def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int,
+                  on_corrupt: str = "error") -> None:
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -217,10 +277,14 @@ class ShardedLoader:
         audit_dir: str | os.PathLike | None = None,
         manifest: Manifest | None = None,
         transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        on_corrupt: str = "error",
+        corrupt_dir: str | os.PathLike | None = None,
     ) -> None:
         """transform: maps a batch to the model's inputs (batch["inputs"]); it must be a pure,
-        picklable function of the batch so that a resumed stream gives the same inputs."""
-        _check_layout(micro_batch_size, dp_rank, dp_size, num_workers)
+        picklable function of the batch so that a resumed stream gives the same inputs.
+        on_corrupt: "error" or "skip" (see the module docstring); corrupt_dir: where the skipped
+        positions are listed (corrupt_log.py)."""
+        _check_layout(micro_batch_size, dp_rank, dp_size, num_workers, on_corrupt)
         self.data_dir = Path(data_dir)
         self.transform = transform
         self.manifest = manifest if manifest is not None else Manifest.load(self.data_dir)
@@ -233,6 +297,12 @@ class ShardedLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory, self.verify_checksums = pin_memory, verify_checksums
         self.audit = AuditLog(audit_dir, split, dp_rank) if audit_dir is not None else None
+        self.on_corrupt = on_corrupt
+        self.corrupt_log = (CorruptLog(corrupt_dir, split, dp_rank)
+                            if corrupt_dir is not None and on_corrupt == "skip" else None)
+        self.skipped_samples = 0
+        """Skipped positions this rank handed out since it was made (data.on_corrupt: skip)."""
+        self._skipped_taken = 0
         self._digest = self.manifest.digest()
         self._position = 0
         self._generation = 0  # only the newest iterator advances the position
@@ -264,16 +334,27 @@ class ShardedLoader:
             start=start, stop=None, num_batches=None,
             micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
             seed=self.seed, shuffle=self.shuffle, verify_checksums=self.verify_checksums,
-            transform=self.transform,
+            transform=self.transform, on_corrupt=self.on_corrupt,
         )  # fmt: skip
         for j, batch in _iterate(stream, self.num_workers, self.prefetch_factor, self.pin_memory):
             if generation == self._generation:
                 self._position = start + (j + 1) * self.samples_per_step
+            skipped = batch.get("skipped")
             if self.audit is not None:
                 self.audit.write(
-                    batch["positions"].tolist(), batch["sample_ids"].tolist(), self.samples_per_epoch
+                    batch["positions"].tolist(), batch["sample_ids"].tolist(), self.samples_per_epoch,
+                    skipped.tolist() if skipped is not None else None,
                 )
+            if batch.get("corrupt"):
+                self.skipped_samples += len(batch["corrupt"])
+                if self.corrupt_log is not None:
+                    self.corrupt_log.write(_corrupt_records(batch, self.split, self.samples_per_epoch))
             yield batch
+
+    def take_skipped(self) -> int:
+        """Skipped positions handed out since the last call (for a metrics record)."""
+        n, self._skipped_taken = self.skipped_samples - self._skipped_taken, self.skipped_samples
+        return n
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -307,6 +388,19 @@ class ShardedLoader:
     def close(self) -> None:
         if self.audit is not None:
             self.audit.close()
+        if self.corrupt_log is not None:
+            self.corrupt_log.close()
+
+
+def _corrupt_records(batch: dict, split: str, samples_per_epoch: int) -> list[dict]:
+    """corrupt_log records of a batch's skipped rows."""
+    out = []
+    for c in batch["corrupt"]:
+        position = int(batch["positions"][c["row"]])
+        out.append({"position": position, "epoch": position // samples_per_epoch,
+                    "key": sample_key(split, int(batch["sample_ids"][c["row"]])),
+                    "shard": c["shard"], "reason": c["reason"]})
+    return out
 
 
 def num_eval_batches(samples: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> int:
@@ -329,14 +423,18 @@ def iter_eval(
     verify_checksums: bool = True,
     manifest: Manifest | None = None,
     transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    on_corrupt: str = "error",
+    corrupt_dir: str | os.PathLike | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One unshuffled pass over this rank's disjoint slice of `split`.
 
     Positions 0..N-1 are strided over ranks like training batches (batch j of rank r covers
     [j*M*D + r*M, +M) clipped to N); the last batch may be short and ranks may get different
-    counts (num_eval_batches tells how many). At most `max_batches` batches per rank.
+    counts (num_eval_batches tells how many). At most `max_batches` batches per rank. With
+    on_corrupt="skip", damaged samples are skipped as in training (listed in `corrupt_dir`,
+    once however many passes there are).
     """
-    _check_layout(micro_batch_size, dp_rank, dp_size, num_workers)
+    _check_layout(micro_batch_size, dp_rank, dp_size, num_workers, on_corrupt)
     data_dir = Path(data_dir)
     manifest = manifest if manifest is not None else Manifest.load(data_dir)
     samples = _split_of(manifest, data_dir, split)
@@ -345,6 +443,15 @@ def iter_eval(
         start=0, stop=samples, num_batches=max_batches,
         micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         seed=0, shuffle=False, verify_checksums=verify_checksums, transform=transform,
+        on_corrupt=on_corrupt,
     )  # fmt: skip
-    for _, batch in _iterate(stream, num_workers, prefetch_factor, pin_memory):
-        yield batch
+    log = (CorruptLog(corrupt_dir, split, dp_rank)
+           if corrupt_dir is not None and on_corrupt == "skip" else None)
+    try:
+        for _, batch in _iterate(stream, num_workers, prefetch_factor, pin_memory):
+            if log is not None and batch.get("corrupt"):
+                log.write(_corrupt_records(batch, split, samples))
+            yield batch
+    finally:
+        if log is not None:
+            log.close()

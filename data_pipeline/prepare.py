@@ -7,16 +7,19 @@ Steps, all writing into cfg.data.dir:
   2. remove the old outputs (manifest first, so nothing half-removed looks finished);
   3. plan the files into units and Ray tasks; scan them (validation, document counts, the val
      fallback: if the hash puts no document in val, the lowest-scoring one goes there): text
-     files in the driver from their first bytes, JSONL and Parquet on Ray;
+     files in the driver from their first bytes, JSONL and Parquet on Ray; write skipped.jsonl,
+     the list of what bad input the data.on_* settings skip (binary files, invalid lines...);
   4. train the byte-level BPE on the training documents (or load data.tokenizer.path) and save
      tokenizer.json;
   5. tokenize on a Ray actor pool (tokenizer shipped once per actor) and, in the driver, pack the
      results in document order into samples of seq_len + 1 tokens and write the shards;
   6. write manifest.json last, atomically, and print a summary.
 
-Ray: a local instance (localhost, no dashboard, data.num_cpus CPUs) is started if none is running
-in this process and shut down afterwards, or data.ray_address joins an existing cluster. Callers
-that run several preparations (tests) can start one with `init_ray` and it is reused.
+Ray: a local instance (data.num_cpus CPUs) is started if none is running in this process and
+shut down afterwards, or data.ray_address joins an existing cluster. Callers that run several
+preparations (tests) can start one with `init_ray` and it is reused. The local instance is
+private: every Ray server listens on 127.0.0.1 only, there is no dashboard, and token
+authentication is on with a token made for this process (see `init_ray`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -35,12 +40,12 @@ import numpy as np
 
 from data_pipeline.documents import is_val, read_unit
 from data_pipeline.format import (
-    FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_NAME, Manifest, SplitInfo, atomic_write_text,
-    sha256_file,
+    FORMAT_VERSION, MANIFEST_NAME, SKIPPED_NAME, SPLITS, TOKENIZER_NAME, Manifest, SplitInfo,
+    atomic_write_text, sha256_file,
 )
 from data_pipeline.packing import Packer, SplitWriter
 from data_pipeline.sources import (
-    DataError, fingerprint, group_units, list_files, plan_units,
+    DataError, ReadPolicy, fingerprint, group_units, list_files, plan_units,
 )
 from data_pipeline.tokenizer import (
     batched, load_tokenizer, round_trips, token_dtype, tokenizer_info, train_tokenizer,
@@ -49,7 +54,7 @@ from pretrain.config import Config, DataConfig
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 """Bump when the pipeline's output for the same config changes, so old directories rebuild."""
 _OURS = re.compile(r"^(train|val)-\d{6}\.tar$")
 _TEMP = re.compile(r"^\.(.+)\.tmp-\d+$")
@@ -67,23 +72,52 @@ def config_hash(data: DataConfig) -> str:
     payload = {
         "format_version": FORMAT_VERSION, "pipeline_version": PIPELINE_VERSION,
         **data.model_dump(include={"sources", "exclude", "format", "text_field", "seq_len",
-                                   "val_fraction", "shard_bytes"}),
+                                   "val_fraction", "shard_bytes", "on_bad_record",
+                                   "on_binary_file", "on_invalid_utf8"}),
         "tokenizer": tok_part,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_CLUSTER_SUPPORT: dict[str, bool] = {}  # Ray's own setting, before init_ray changed it
+
+
 def init_ray(data: DataConfig) -> None:
-    """Start a quiet local Ray (or join data.ray_address)."""
+    """Start a quiet, private local Ray (or join data.ray_address).
+
+    Anyone who reaches a Ray server's port can run code in it, so the local instance is shut
+    off twice. (1) Ray binds its servers to the node's address, which it takes to be the host's
+    outward IP unless it runs "without cluster support": with that (Ray's switch for Windows and
+    macOS, ray_constants.ENABLE_RAY_CLUSTER) the node address is 127.0.0.1 and every server,
+    worker and agent listens there only. (2) Token authentication (Ray >= 2.52): RAY_AUTH_MODE
+    =token with a random token in RAY_AUTH_TOKEN, known to this process and the Ray processes it
+    starts (not written to ~/.ray), keeps out other users of the same host. An explicit
+    RAY_AUTH_MODE in the environment is respected. tests/test_injection.py checks both.
+    """
     import ray
 
+    from ray._private import ray_constants
+
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "ignore_reinit_error": True}
-    if data.ray_address:
+    _CLUSTER_SUPPORT.setdefault("saved", ray_constants.ENABLE_RAY_CLUSTER)
+    if data.ray_address:  # this node's outward address again (after a local run here)
+        ray_constants.ENABLE_RAY_CLUSTER = _CLUSTER_SUPPORT["saved"]
         ray.init(address=data.ray_address, **quiet)
-    else:
-        # address="local" ignores a RAY_ADDRESS in the environment: always a private instance.
-        ray.init(address="local", num_cpus=data.num_cpus, include_dashboard=False,
-                 dashboard_host="127.0.0.1", **quiet)
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when Ray picks the node address
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        try:  # this process read Ray's settings when it imported ray: read them again
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+        except ImportError:  # Ray < 2.52 has no token authentication
+            pass
+    # address="local" ignores a RAY_ADDRESS in the environment: always a private instance.
+    ray.init(address="local", num_cpus=data.num_cpus, include_dashboard=False,
+             dashboard_host="127.0.0.1", **quiet)
 
 
 @contextmanager
@@ -140,7 +174,8 @@ def _clear(data_dir: Path) -> None:
     (data_dir / MANIFEST_NAME).unlink(missing_ok=True)
     for p in data_dir.iterdir():
         name = (m.group(1) if (m := _TEMP.match(p.name)) else p.name)
-        if p.is_file() and (_OURS.match(name) or name in (MANIFEST_NAME, TOKENIZER_NAME)):
+        if p.is_file() and (_OURS.match(name) or name in (MANIFEST_NAME, TOKENIZER_NAME,
+                                                          SKIPPED_NAME)):
             p.unlink()
 
 
@@ -155,6 +190,20 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+@contextmanager
+def _closing(batches) -> Iterator:
+    """Iterate Ray Data batches and stop the iterator on leaving (an error or an early break),
+    while Ray is still up: left to the garbage collector after ray.shutdown, Ray Data logs a
+    traceback ("Ray is not initialized") after our clean error message."""
+    iterator = iter(batches)
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
 def _tasks_dataset(tasks: list[list[dict]]):
     import ray.data
 
@@ -162,9 +211,10 @@ def _tasks_dataset(tasks: list[list[dict]]):
     return ray.data.from_items(items, override_num_blocks=len(tasks))
 
 
-def _scan(tasks: list[list[dict]], data: DataConfig) -> tuple[int, int, str | None]:
-    """(documents, documents hashed to val, id of the lowest-scoring document); raises the
-    DataError of the earliest bad unit in corpus order.
+def _scan(tasks: list[list[dict]], data: DataConfig
+          ) -> tuple[int, int, str | None, list[tuple[int, dict]]]:
+    """(documents, documents hashed to val, id of the lowest-scoring document, skip records as
+    (unit index, record) in corpus order); raises the DataError of the earliest bad unit.
 
     A text file is one document whose id is its path: its first bytes tell whether it is skipped
     (empty, binary), so the driver probes text files itself. JSONL and Parquet units must be
@@ -173,10 +223,12 @@ def _scan(tasks: list[list[dict]], data: DataConfig) -> tuple[int, int, str | No
     from data_pipeline.documents import probe_text_unit, val_score
     from data_pipeline.stages import scan_batch
 
+    policy = ReadPolicy.of(data)
     units = [u for t in tasks for u in t]
     docs = val = 0
     lowest: tuple[float, str] | None = None
     errors: list[tuple[int, str]] = []  # (unit index in corpus order, message)
+    skipped: list[tuple[int, dict]] = []
 
     def count(doc_id: str, score: float) -> None:
         nonlocal docs, val, lowest
@@ -188,11 +240,14 @@ def _scan(tasks: list[list[dict]], data: DataConfig) -> tuple[int, int, str | No
         if unit["fmt"] != "text":
             continue
         try:
-            if probe_text_unit(unit) is None:
-                count(unit["rel"], val_score(unit["rel"]))
+            record = probe_text_unit(unit, policy)
         except DataError as e:
             errors.append((i, str(e)))
             break
+        if record is None:
+            count(unit["rel"], val_score(unit["rel"]))
+        else:
+            skipped.append((i, record))
     # Parsed formats: the tasks without their text units, each unit knowing its corpus index.
     index = {id(u): i for i, u in enumerate(units)}
     parsed = [[u for u in t if u["fmt"] != "text"] for t in tasks]
@@ -200,26 +255,51 @@ def _scan(tasks: list[list[dict]], data: DataConfig) -> tuple[int, int, str | No
     if parsed:
         ds = _tasks_dataset(parsed).map_batches(
             scan_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
-            fn_kwargs={"text_field": data.text_field, "val_fraction": data.val_fraction},
+            fn_kwargs={"text_field": data.text_field, "val_fraction": data.val_fraction,
+                       "policy": policy},
         )
-        results = (json.loads(r) for table in ds.iter_batches(batch_size=None,
-                                                              batch_format="pyarrow")
-                   for r in table.column("scan").to_pylist())
-        for task, res in zip(parsed, results):
-            if res["error"]:
-                errors.append((index[id(task[res["error_unit"]])], res["error"]))
-                break  # later tasks hold later units
-            docs, val = docs + res["docs"], val + res["val"]
-            if res["min"] and (lowest is None or tuple(res["min"]) < lowest):
-                lowest = tuple(res["min"])
+        with _closing(ds.iter_batches(batch_size=None, batch_format="pyarrow")) as batches:
+            results = (json.loads(r) for table in batches
+                       for r in table.column("scan").to_pylist())
+            for task, res in zip(parsed, results):
+                skipped += [(index[id(task[k])], r) for k, records in res["skipped"]
+                            for r in records]
+                if res["error"]:
+                    errors.append((index[id(task[res["error_unit"]])], res["error"]))
+                    break  # later tasks hold later units
+                docs, val = docs + res["docs"], val + res["val"]
+                if res["min"] and (lowest is None or tuple(res["min"]) < lowest):
+                    lowest = tuple(res["min"])
     if errors:
         raise DataError(min(errors)[1])
-    return docs, val, lowest[1] if lowest else None
+    skipped.sort(key=lambda item: item[0])  # stable: records of a unit keep their file order
+    return docs, val, lowest[1] if lowest else None, skipped
+
+
+def _write_skipped(data_dir: Path, records: list[dict]) -> dict:
+    """Write skipped.jsonl (atomically) and return the manifest's summary of it."""
+    records = [{**r, "file": _printable(r["file"])} for r in records]
+    atomic_write_text(data_dir / SKIPPED_NAME,
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    kinds: dict[str, int] = {}
+    for r in records:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    return {"total": len(records), "by_kind": dict(sorted(kinds.items())), "list": SKIPPED_NAME,
+            "first": records[:_LISTED]}
+
+
+def _skipped_phrase(summary: dict, data_dir: Path) -> str:
+    """'2 binary file, 1 invalid JSON (listed in DIR/skipped.jsonl)' or ''."""
+    if not summary["total"]:
+        return ""
+    kinds = ", ".join(f"{n} {kind}" for kind, n in summary["by_kind"].items())
+    return f"{kinds} (listed in {data_dir / SKIPPED_NAME})"
 
 
 def _train_texts(units: list[dict], data: DataConfig, forced_val: str | None) -> Iterator[str]:
+    policy = ReadPolicy.of(data)
     for unit in units:
-        docs = read_unit(unit, data.text_field)
+        docs = read_unit(unit, data.text_field, policy)
         for doc_id, text in zip(docs.ids, docs.texts):
             if not is_val(doc_id, data.val_fraction, forced_val):
                 yield text
@@ -244,10 +324,9 @@ def _summary(data_dir: Path, m: Manifest) -> str:
     if rep["count"]:
         lines.append(f"  invalid UTF-8: {rep['count']:,} sequences replaced by U+FFFD in "
                      f"{rep['files_total']:,} files, e.g. {next(iter(rep['files']))}")
-    if s["skipped_files_total"]:
-        first = s["skipped_files"][0]
-        lines.append(f"  skipped {s['skipped_files_total']:,} files, e.g. {first['path']} "
-                     f"({first['reason']})")
+    if s["skipped"]["total"]:
+        kinds = ", ".join(f"{n:,} {kind}" for kind, n in s["skipped"]["by_kind"].items())
+        lines.append(f"  skipped {kinds}: listed in {data_dir / SKIPPED_NAME}")
     if s["empty_documents"]:
         lines.append(f"  left out {s['empty_documents']:,} empty documents")
     if m.splits["val"].samples == 0 and m.config.get("val_fraction", 0) > 0:
@@ -269,12 +348,12 @@ def _tokenize_and_write(tasks: list[list[dict]], data: DataConfig, workers: int,
     sample_len = data.seq_len + 1
     writers = {s: SplitWriter(data_dir, s, sample_len, dtype, data.shard_bytes) for s in SPLITS}
     packers = {s: Packer(w) for s, w in writers.items()}
-    totals: dict = {"docs": [0, 0], "bytes": 0, "replaced": {}, "skipped": [], "empty": 0}
+    totals: dict = {"docs": [0, 0], "bytes": 0, "replaced": {}, "skipped": 0, "empty": 0}
     ds = _tasks_dataset(tasks).map_batches(
         Tokenize, batch_size=1, batch_format="pyarrow", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=min(workers, len(tasks))),
         fn_constructor_args=(tok_json, eos_id, dtype, data.text_field, data.val_fraction,
-                             forced_val),
+                             forced_val, ReadPolicy.of(data)),
         # The tokenizer JSON is large enough that Ray keeps it in the object store, from where
         # a restarted actor could not be rebuilt; a failed actor fails the job (re-run resumes
         # nothing half-written: shards are renamed only when complete).
@@ -284,22 +363,23 @@ def _tokenize_and_write(tasks: list[list[dict]], data: DataConfig, workers: int,
     bar = tqdm(total=sum(u["size"] for t in tasks for u in t), unit="B", unit_scale=True,
                desc="tokenize", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     try:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in table.to_pylist():
-                st = json.loads(row["stats"])
-                if st["error"]:
-                    raise DataError(st["error"])
-                for i, split in enumerate(SPLITS):
-                    packers[split].feed(np.frombuffer(row[split], dtype=dtype))
-                    totals["docs"][i] += st["docs"][i]
-                totals["bytes"] += st["bytes"]
-                totals["empty"] += st["empty"]
-                totals["skipped"] += st["skipped"]
-                for path, n in st["replaced"].items():
-                    totals["replaced"][path] = totals["replaced"].get(path, 0) + n
-                bar.update(next(sizes))
-                bar.set_postfix(tokens=f"{sum(p.tokens for p in packers.values()):,}",
-                                refresh=False)
+        with _closing(ds.iter_batches(batch_size=None, batch_format="pyarrow")) as batches:
+            for table in batches:
+                for row in table.to_pylist():
+                    st = json.loads(row["stats"])
+                    if st["error"]:
+                        raise DataError(st["error"])
+                    for i, split in enumerate(SPLITS):
+                        packers[split].feed(np.frombuffer(row[split], dtype=dtype))
+                        totals["docs"][i] += st["docs"][i]
+                    totals["bytes"] += st["bytes"]
+                    totals["empty"] += st["empty"]
+                    totals["skipped"] += st["skipped"]
+                    for path, n in st["replaced"].items():
+                        totals["replaced"][path] = totals["replaced"].get(path, 0) + n
+                    bar.update(next(sizes))
+                    bar.set_postfix(tokens=f"{sum(p.tokens for p in packers.values()):,}",
+                                    refresh=False)
         shards = {s: w.close() for s, w in writers.items()}
     except BaseException:
         for w in writers.values():
@@ -313,14 +393,21 @@ def _tokenize_and_write(tasks: list[list[dict]], data: DataConfig, workers: int,
 def _build(data: DataConfig, data_dir: Path, files: list, chash: str, fp: str, workers: int,
            progress: bool, t0: float) -> Manifest:
     timings: dict[str, float] = {}
-    units, skipped = plan_units(files, data.text_field)
+    units, planned_skips = plan_units(files, data.text_field, ReadPolicy.of(data))
     tasks = group_units(units, workers)
     t = time.perf_counter()
-    docs, n_val, lowest = _scan(tasks, data) if tasks else (0, 0, None)
+    docs, n_val, lowest, unit_skips = _scan(tasks, data) if tasks else (0, 0, None, [])
     timings["scan"] = time.perf_counter() - t
+    # skipped.jsonl in corpus order: files left out whole when planning, then what the units
+    # left out, by file (a file's units are consecutive).
+    order = {f.path: i for i, f in enumerate(files)}
+    keyed = [(order[r["file"]], -1, r) for r in planned_skips]
+    keyed += [(order[r["file"]], i, r) for i, r in unit_skips]
+    skipped = _write_skipped(data_dir, [r for _, _, r in sorted(keyed, key=lambda k: k[:2])])
     if docs == 0:
+        why = _skipped_phrase(skipped, data_dir)
         raise DataError(f"empty corpus: data.sources {data.sources} hold no documents "
-                        f"({len(files)} files, {len(skipped)} of them skipped)")
+                        f"({len(files)} files" + (f"; skipped: {why}" if why else "") + ")")
     forced_val = None
     if data.val_fraction > 0 and n_val == 0:
         if docs == 1:
@@ -355,6 +442,11 @@ def _build(data: DataConfig, data_dir: Path, files: list, chash: str, fp: str, w
         tasks, data, workers, tok_json, info.eos_id, dtype, forced_val, data_dir, progress)
     timings["tokenize"] = time.perf_counter() - t
     tokens = {s: packers[s].tokens for s in SPLITS}
+    if totals["skipped"] != len(unit_skips):
+        raise DataError(
+            f"data.sources {data.sources} changed while being prepared (the scan skipped "
+            f"{len(unit_skips)} items, tokenizing {totals['skipped']}): run it again"
+        )
     if packers["train"].writer.samples == 0:
         raise DataError(
             f"data.sources {data.sources} are too small: the train split has "
@@ -364,7 +456,6 @@ def _build(data: DataConfig, data_dir: Path, files: list, chash: str, fp: str, w
 
     seconds = time.perf_counter() - t0
     replaced = sorted(totals["replaced"].items())
-    skipped += totals["skipped"]
     total_tokens = sum(tokens.values())
     stats = {
         "files": len(files),
@@ -378,9 +469,7 @@ def _build(data: DataConfig, data_dir: Path, files: list, chash: str, fp: str, w
             "count": sum(n for _, n in replaced), "files_total": len(replaced),
             "files": {_printable(p): n for p, n in replaced[:_LISTED]},
         },
-        "skipped_files": [{"path": _printable(s["path"]), "reason": s["reason"]}
-                          for s in skipped[:_LISTED]],
-        "skipped_files_total": len(skipped),
+        "skipped": skipped,
         "val_forced_document": _printable(forced_val) if forced_val else None,
         "sources_fingerprint": fp,
         "num_cpus": workers,

@@ -40,6 +40,29 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class ReadPolicy:
+    """What readers do with bad input: data.on_bad_record, on_binary_file, on_invalid_utf8
+    (pretrain/config.py). Travels to the Ray workers with the units."""
+
+    bad_record: str = "error"
+    """error | skip: invalid JSONL lines, a missing or non-string text field or column."""
+    binary_file: str = "skip"
+    """skip | error: text-format files with a NUL byte near the start."""
+    invalid_utf8: str = "replace"
+    """replace | skip | error: bytes that are not UTF-8."""
+
+    @classmethod
+    def of(cls, data: DataConfig) -> "ReadPolicy":
+        return cls(data.on_bad_record, data.on_binary_file, data.on_invalid_utf8)
+
+
+def skip_record(path: str, kind: str, reason: str, **where: int | list[int]) -> dict:
+    """One entry of skipped.jsonl: the file, where in it (line, row, rows) and why.
+    `kind` is the category counted in the manifest; `reason` the detail."""
+    return {"file": path, **where, "kind": kind, "reason": reason}
+
+
+@dataclass(frozen=True)
 class SourceFile:
     path: str
     """Absolute path."""
@@ -173,50 +196,64 @@ def _jsonl_units(f: SourceFile) -> list[dict]:
     return units
 
 
-def _parquet_units(f: SourceFile, text_field: str) -> list[dict]:
+_SKIP_PARQUET = ("; or set data.on_bad_record: skip to leave such files out (listed in "
+                 "skipped.jsonl)")
+
+
+def _parquet_units(f: SourceFile, text_field: str, policy: ReadPolicy,
+                   skipped: list[dict]) -> list[dict]:
+    """Row groups of a Parquet file; a file that is not Parquet or lacks a string column
+    `text_field` raises DataError, or with data.on_bad_record: skip is appended to `skipped`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    def bad(kind: str, reason: str, message: str) -> list[dict]:
+        if policy.bad_record != "skip":
+            raise DataError(message + _SKIP_PARQUET)
+        skipped.append(skip_record(f.path, kind, reason))
+        return []
 
     try:
         meta = pq.ParquetFile(f.path).metadata
         schema = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"cannot read {f.path} as Parquet: {e}") from None
+        return bad("not Parquet", f"cannot read as Parquet: {e}",
+                   f"cannot read {f.path} as Parquet: {e}. Leave it out (data.exclude) or set "
+                   "data.format")
     if text_field not in schema.names:
-        raise DataError(
-            f"{f.path}: no column {text_field!r} (data.text_field); its columns are "
-            f"{schema.names}. Set data.text_field to the column that holds the text."
-        )
+        return bad("missing column", f"no column {text_field!r}; its columns are {schema.names}",
+                   f"{f.path}: no column {text_field!r} (data.text_field); its columns are "
+                   f"{schema.names}. Set data.text_field to the column that holds the text")
     kind = schema.field(text_field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
             or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-        raise DataError(
-            f"{f.path}: column {text_field!r} (data.text_field) has type {kind}, "
-            "expected a string (or binary UTF-8) column"
-        )
+        return bad("column not a string", f"column {text_field!r} has type {kind}",
+                   f"{f.path}: column {text_field!r} (data.text_field) has type {kind}, "
+                   "expected a string (or binary UTF-8) column")
     units, row = [], 0
     for g in range(meta.num_row_groups if meta.num_rows else 0):
         rg = meta.row_group(g)
         units.append({"path": f.path, "rel": f.rel, "fmt": "parquet", "start": g, "end": g + 1,
-                      "first": row, "size": max(rg.total_byte_size, 1)})
+                      "first": row, "rows": rg.num_rows, "size": max(rg.total_byte_size, 1)})
         row += rg.num_rows
+    if not units:
+        skipped.append(skip_record(f.path, "empty file", "no rows"))
     return units
 
 
-def plan_units(files: list[SourceFile], text_field: str) -> tuple[list[dict], list[dict]]:
-    """(units of all files in file order, skipped files as {"path", "reason"})."""
+def plan_units(files: list[SourceFile], text_field: str,
+               policy: ReadPolicy = ReadPolicy()) -> tuple[list[dict], list[dict]]:
+    """(units of all files in file order, files left out whole as skip records: empty files,
+    and Parquet files without the text column when data.on_bad_record is skip)."""
     units: list[dict] = []
     skipped: list[dict] = []
     for f in files:
         if f.size == 0:
-            skipped.append({"path": f.path, "reason": "empty file"})
+            skipped.append(skip_record(f.path, "empty file", "empty file"))
         elif f.fmt == "jsonl":
             units += _jsonl_units(f)
         elif f.fmt == "parquet":
-            more = _parquet_units(f, text_field)
-            units += more
-            if not more:
-                skipped.append({"path": f.path, "reason": "no rows"})
+            units += _parquet_units(f, text_field, policy, skipped)
         else:
             units.append({"path": f.path, "rel": f.rel, "fmt": "text", "start": 0,
                           "end": max(f.size, 0), "first": 0, "size": max(f.size, 1)})

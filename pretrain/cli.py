@@ -7,6 +7,9 @@
     pretrain export   CHECKPOINT --out DIR               checkpoint -> Hugging Face directory
     pretrain import   HF_DIR --out RUN_DIR               Hugging Face model -> a run to continue
     pretrain generate CHECKPOINT --prompt TEXT           sample, fill [MASK] or sentinel spans
+    pretrain plan     CONFIG --nodes N --gpus-per-node G  per-GPU memory, fit, step time
+    pretrain sweep    SWEEP_FILE [--local] [--dry-run]   many runs: Slurm job arrays, or here
+    pretrain report   DIR...                             table and plots of a sweep's runs
     pretrain checkpoint consolidate|convert SRC ...      checkpoints of any process grid
 """
 

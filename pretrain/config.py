@@ -238,6 +238,21 @@ class DataConfig(Section):
     (one document per file)."""
     text_field: str = "text"
     """JSONL field or Parquet column that holds the document text."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A JSONL line that is not valid JSON, not an object, lacks data.text_field or holds a
+    non-string there; a Parquet file that is not Parquet or lacks a string data.text_field
+    column. `error`: `pretrain prepare` stops, naming the file and line. `skip`: the line (the
+    Parquet file) is left out, counted in the manifest and listed in <data.dir>/skipped.jsonl."""
+    on_binary_file: Literal["skip", "error"] = "skip"
+    """A text-format file with a NUL byte in its first 8 KiB (an image, an archive, a compiled
+    file in a source tree). `skip`: left out, counted in the manifest and listed in
+    <data.dir>/skipped.jsonl. `error`: `pretrain prepare` stops, naming the file."""
+    on_invalid_utf8: Literal["replace", "skip", "error"] = "replace"
+    """Bytes that are not valid UTF-8 (a Latin-1 file, a cut multi-byte character).
+    `replace`: the document is kept with each bad sequence replaced by U+FFFD, counted per file
+    in the manifest. `skip`: the document (text file, JSONL line, Parquet row) is left out and
+    listed in <data.dir>/skipped.jsonl. `error`: `pretrain prepare` stops, naming the file, the
+    line (row) and the byte offset."""
     dir: str = "data/stdlib"
     """Where `pretrain prepare` writes the tokenizer, the shards and manifest.json, and where
     training reads them."""
@@ -262,6 +277,13 @@ class DataConfig(Section):
     """Shuffle shard order and samples within a shard, as a function of (seed, epoch)."""
     verify_checksums: bool = True
     """Check each shard's sha256 against the manifest when it is opened."""
+    on_corrupt: Literal["error", "skip"] = "error"
+    """A shard that is missing, truncated or whose sha256 differs from the manifest, or a sample
+    that does not decode. `error`: training stops, naming the shard, the position and what to
+    do. `skip`: the samples that cannot be trusted are skipped (a shard whose checksum fails:
+    all of it; the manifest checksums shards, not samples): their rows stay in the batch with
+    nothing to predict, and they are counted in metrics.jsonl (skipped_samples), listed in
+    <run.dir>/corrupt_samples/ and reported as skipped by the audit."""
     audit: bool = False
     """Record, per rank, the position, epoch and id of every consumed sample under
     <run.dir>/audit/, to prove exactly-once coverage."""

@@ -1,17 +1,25 @@
-"""Run metrics: metrics.jsonl (one JSON object per line), TensorBoard events, MFU.
+"""Run metrics: metrics.jsonl (one JSON object per line), TensorBoard events, MFU, memory.
 
 Only rank 0 writes. Training lines carry step, loss, lr, grad_norm, tokens_per_sec,
-samples_seen, tokens_seen (and mfu where the device peak is known); evaluation lines carry step,
-val_loss and val_ppl. Lines of a resumed run are appended to the same file.
+samples_seen, tokens_seen (and mfu where the device peak is known), peak_mem_bytes and
+base_mem_bytes (PeakMemory); evaluation lines carry step, val_loss and val_ppl. Every line
+carries `time` (Unix seconds) and `elapsed` (seconds since the writing process started), from
+which reports take a run's wall time across restarts. Lines of a resumed run are appended to
+the same file.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import resource
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import torch
+import torch.distributed as dist
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name, for MFU.
 KNOWN_PEAK_TFLOPS = {
@@ -31,12 +39,57 @@ def device_peak_tflops(device: torch.device, configured: float | None) -> float 
     return None
 
 
+class PeakMemory:
+    """Peak memory of this process, for metrics and for checking `pretrain plan`.
+
+    GPU: torch.cuda.max_memory_allocated (tensors only; the CUDA context and the caching
+    allocator's reserve are not counted). CPU: the peak resident set size (getrusage's
+    ru_maxrss, the kernel's high-water mark of this process, DataLoader workers excluded).
+    `base` is the same measure taken when the meter is created (the trainer does so once the
+    process group is up, before the model exists): on CPU the interpreter, torch, DeepSpeed
+    and gloo; on GPU usually 0. What the run's model, optimizer and activations took is
+    peak - base, which is what `pretrain plan` predicts.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        else:
+            # Code, not data: the modules DeepSpeed and torch.optim import on first use (about
+            # 100 MB of Python objects, torch._dynamo and sympy among them) are in the base.
+            import deepspeed  # noqa: F401
+            import torch._dynamo  # noqa: F401
+
+            self.base = psutil.Process().memory_info().rss
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+    def stats(self) -> dict[str, int]:
+        """Peak and base of the rank whose peak - base is largest (a collective when
+        torch.distributed is initialized: every rank calls it at the same step)."""
+        peak, base = self.peak(), self.base
+        if dist.is_available() and dist.is_initialized():
+            device = self.device if self.device.type == "cuda" else torch.device("cpu")
+            t = torch.zeros(dist.get_world_size(), 2, dtype=torch.int64, device=device)
+            t[dist.get_rank()] = torch.tensor([peak, base])
+            dist.all_reduce(t)  # every rank's row
+            peak, base = t[int(torch.argmax(t[:, 0] - t[:, 1]))].tolist()
+        return {"peak_mem_bytes": peak, "base_mem_bytes": base}
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
         self._tb = None
+        self._process_start = psutil.Process().create_time()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", buffering=1)
@@ -48,13 +101,18 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        now = time.time()
+        record = {**record, "time": round(now, 3),
+                  "elapsed": round(now - self._process_start, 3)}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         if self._tb is not None and "step" in record:
             kind = "eval" if "val_loss" in record else "train"
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k in ("step", "time", "elapsed") or isinstance(v, bool):
+                    continue
+                if isinstance(v, (int, float)):
                     self._tb.add_scalar(f"{kind}/{k}", v, record["step"])
 
     def close(self) -> None:

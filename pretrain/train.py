@@ -62,8 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    from data_pipeline.shard_reader import ShardError
+
     try:
         summary = trainer.train()
+    except ShardError as e:  # damaged data: the message names the shard, position and fix
+        print(f"error: rank {env.rank}: {e}", file=sys.stderr, flush=True)
+        trainer.metrics.close()
+        # Not trainer.close(): its barrier would wait for ranks that are in a collective of the
+        # step (another rank's shard may be fine) until the collective timeout. Exiting ends
+        # this rank's connections, and the launcher (torchrun, srun --kill-on-bad-exit) stops
+        # the others at once.
+        os._exit(2)
     finally:
         trainer.close()
     status_file = os.environ.get(STATUS_FILE_VAR)

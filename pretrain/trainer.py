@@ -23,7 +23,7 @@ from launch.env import DistEnv
 from pretrain.checkpoint import CheckpointManager, diff_dicts
 from pretrain.config import Config, global_batch_size
 from pretrain.config_io import resolved_dict, resolved_yaml
-from pretrain.metrics import MetricsLogger, device_peak_tflops, read_metrics
+from pretrain.metrics import MetricsLogger, PeakMemory, device_peak_tflops, read_metrics
 from pretrain.model import build_model
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 from pretrain.parallel.deepspeed import (
@@ -105,6 +105,7 @@ class Trainer:
         except GridError as e:
             raise SetupError(str(e)) from None
         init_distributed(backend, cfg.parallel.timeout_minutes)
+        self.memory = PeakMemory(self.device)  # before the model: peak - base is the run's
         self.dims.build_groups()
         self.dp_size, self.dp_rank = self.dims.dp, self.dims.dp_rank
         self.global_batch = global_batch_size(cfg, env.world_size)
@@ -171,6 +172,7 @@ class Trainer:
             audit_dir=self.run_dir / "audit" if cfg.data.audit and self.dims.tp_rank == 0
             else None,
             transform=self.objective,
+            on_corrupt=cfg.data.on_corrupt, corrupt_dir=self._corrupt_dir(),
         )
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank,
                                       env.world_size)
@@ -202,6 +204,11 @@ class Trainer:
             "zero_stage": self.cfg.parallel.zero_stage,
             "grid": self._grid(),
         }
+
+    def _corrupt_dir(self) -> Path | None:
+        """Where skipped samples are listed: by TP rank 0 only (its peers read the same data,
+        and the list is one file per data-parallel rank)."""
+        return self.run_dir / "corrupt_samples" if self.dims.tp_rank == 0 else None
 
     def _grid(self) -> dict:
         return {"tensor_parallel": self.dims.tp, "data_parallel": self.dims.dp,
@@ -276,7 +283,8 @@ class Trainer:
         batches = iter_eval(self.cfg.data.dir, "val", micro_batch_size=m, dp_rank=self.dp_rank,
                             dp_size=self.dp_size, max_batches=n_batches,
                             verify_checksums=self.cfg.data.verify_checksums,
-                            transform=self.objective)
+                            transform=self.objective, on_corrupt=self.cfg.data.on_corrupt,
+                            corrupt_dir=self._corrupt_dir())
         self.engine.eval()
         sums: dict[str, torch.Tensor] = {}  # loss and metrics, each summed x targets
         count = torch.zeros((), dtype=torch.float64, device=self.device)  # targets
@@ -411,8 +419,12 @@ class Trainer:
             "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
             "epoch": self.loader.epoch,
             "restart_count": self.env.restart_count,
+            **self.memory.stats(),
             **metrics,
         }
+        if self.cfg.data.on_corrupt == "skip":  # damaged samples skipped since the last record
+            n = torch.tensor(float(self.loader.take_skipped()))
+            record["skipped_samples"] = round(self._mean_over_dp({"n": n})["n"] * self.dp_size)
         if self.peak_tflops:
             achieved = self.flops_per_token * tokens_per_sec / self.env.world_size
             record["mfu"] = achieved / (self.peak_tflops * 1e12)

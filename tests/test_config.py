@@ -25,7 +25,8 @@ from pretrain.config_io import (
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
-FRAGMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS)
+FRAGMENTS = sorted(p for p in CONFIGS.rglob("*.yaml")
+                   if p.parent != CONFIGS and p.parent.name != "sweeps")  # sweeps: test_sweep.py
 
 
 def write(path: Path, text: str) -> Path:

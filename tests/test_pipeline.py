@@ -37,7 +37,9 @@ import data_pipeline.prepare as prepare_mod
 import data_pipeline.sources as sources_mod
 import data_pipeline.stages as stages_mod
 from data_pipeline.documents import is_val, val_score
-from data_pipeline.format import MANIFEST_NAME, SPLITS, TOKENIZER_NAME, Manifest, sha256_file
+from data_pipeline.format import (
+    MANIFEST_NAME, SKIPPED_NAME, SPLITS, TOKENIZER_NAME, Manifest, sha256_file,
+)
 from data_pipeline.loader import ShardedLoader
 from data_pipeline.packing import SplitWriter
 from data_pipeline.prepare import init_ray, prepare
@@ -200,7 +202,8 @@ def assert_manifest_matches_files(data_dir: Path, m: Manifest) -> None:
         assert info.tokens == first * m.sample_len
         assert all(sh.samples == info.shards[0].samples for sh in info.shards[:-1])
     assert sha256_file(data_dir / TOKENIZER_NAME) == m.tokenizer.sha256
-    assert sorted(os.listdir(data_dir)) == sorted([MANIFEST_NAME, TOKENIZER_NAME, *shard_names(m)])
+    assert sorted(os.listdir(data_dir)) == sorted([MANIFEST_NAME, TOKENIZER_NAME, SKIPPED_NAME,
+                                                   *shard_names(m)])
     assert Manifest.load(data_dir) == m
 
 
@@ -287,9 +290,13 @@ def test_text_files_round_trip(built, text_corpus):
     assert_round_trip(built.dir, m, docs)
     s = m.stats
     assert s["files"] == 32  # hidden files are not listed; empty and binary ones are, skipped
-    assert s["skipped_files_total"] == 2
-    assert {(Path(x["path"]).name, x["reason"]) for x in s["skipped_files"]} == {
-        ("empty.txt", "empty file"), ("blob.bin", "binary file (NUL byte in the first 8192 bytes)")}
+    assert s["skipped"]["total"] == 2
+    assert s["skipped"]["by_kind"] == {"binary file": 1, "empty file": 1}
+    listed = [json.loads(line) for line in (built.dir / "skipped.jsonl").read_text().splitlines()]
+    assert listed == s["skipped"]["first"] == [  # corpus order
+        {"file": str(root / "blob.bin"), "kind": "binary file",
+         "reason": "binary file (NUL byte in the first 8192 bytes)"},
+        {"file": str(root / "empty.txt"), "kind": "empty file", "reason": "empty file"}]
     assert s["utf8_replacements"] == {"count": 4, "files_total": 1,
                                       "files": {str(root / "latin1.txt"): 4}}
     assert s["empty_documents"] == 0
@@ -302,7 +309,7 @@ def test_manifest_matches_shards_and_is_written_last(built):
     m = built.manifest
     assert_manifest_matches_files(built.dir, m)
     # When the manifest was saved, every shard and the tokenizer were final; no temp files.
-    final = [TOKENIZER_NAME, *shard_names(m)]
+    final = [TOKENIZER_NAME, SKIPPED_NAME, *shard_names(m)]
     assert built.at_save == {n: sha256_file(built.dir / n) for n in final}
     mt = mtimes(built.dir)
     assert mt[MANIFEST_NAME] >= max(mt.values())
@@ -361,7 +368,8 @@ def test_jsonl_and_parquet_round_trip_with_globs(tmp_path, monkeypatch):
     assert_round_trip(out, m, docs)
     assert_manifest_matches_files(out, m)
     s = m.stats
-    assert s["files"] == 4 and s["skipped_files_total"] == 0
+    assert s["files"] == 4 and s["skipped"]["total"] == 0
+    assert (out / "skipped.jsonl").read_text() == ""
     assert s["empty_documents"] == 4
     assert s["utf8_replacements"] == {
         "count": 3, "files_total": 2,
@@ -389,15 +397,14 @@ def _case_empty_files(tmp: Path):
     (tmp / "c" / "a.txt").write_bytes(b"")
     (tmp / "c" / "b.txt").write_bytes(b"")
     src = str(tmp / "c")
-    return [src], (f"empty corpus: data.sources {[src]} hold no documents "
-                   "(2 files, 2 of them skipped)")
+    return [src], (f"empty corpus: data.sources {[src]} hold no documents (2 files; skipped: "
+                   f"2 empty file (listed in {tmp / 'out' / 'skipped.jsonl'}))")
 
 
 def _case_empty_texts(tmp: Path):
     (tmp / "d.jsonl").write_text('{"text": ""}\n{"text": null}\n\n')
     src = str(tmp / "d.jsonl")
-    return [src], (f"empty corpus: data.sources {[src]} hold no documents "
-                   "(1 files, 0 of them skipped)")
+    return [src], f"empty corpus: data.sources {[src]} hold no documents (1 files)"
 
 
 def _case_empty_dir(tmp: Path):
@@ -437,7 +444,8 @@ def _case_missing_field(tmp: Path):
     (tmp / "a.jsonl").write_text("\n".join(lines))
     return [tmp / "a.jsonl"], (
         f"{tmp / 'a.jsonl'}:3: no field 'text' (data.text_field is 'text'; the line has fields "
-        "['body', 'id']). Set data.text_field to the field that holds the text.")
+        "['body', 'id']). Set data.text_field to the field that holds the text; or set "
+        "data.on_bad_record: skip to leave such lines out (listed in skipped.jsonl)")
 
 
 def _case_not_object(tmp: Path):
@@ -456,7 +464,8 @@ def _case_parquet_column(tmp: Path):
     pq.write_table(pa.table({"body": ["x", "y"], "n": [1, 2]}), tmp / "t.parquet")
     return [tmp / "t.parquet"], (
         f"{tmp / 't.parquet'}: no column 'text' (data.text_field); its columns are ['body', 'n']. "
-        "Set data.text_field to the column that holds the text.")
+        "Set data.text_field to the column that holds the text; or set data.on_bad_record: skip "
+        "to leave such files out (listed in skipped.jsonl)")
 
 
 def _case_parquet_type(tmp: Path):
@@ -588,7 +597,8 @@ def test_interrupted_build_leaves_no_manifest_and_next_run_recovers(built, text_
         with pytest.raises(RuntimeError, match="simulated crash"):
             prepare(cfg, progress=False)
     assert opened[2].name.startswith(".train-000002.tar.tmp-") and not opened[2].exists()
-    assert sorted(os.listdir(out)) == [TOKENIZER_NAME, "train-000000.tar", "train-000001.tar"]
+    assert sorted(os.listdir(out)) == [SKIPPED_NAME, TOKENIZER_NAME, "train-000000.tar",
+                                       "train-000001.tar"]
     with pytest.raises(FileNotFoundError, match="did not finish"):
         Manifest.load(out)
     with pytest.raises(FileNotFoundError, match=re.escape(f"no {MANIFEST_NAME} in {out}")):

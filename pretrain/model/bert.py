@@ -145,10 +145,14 @@ class BERT(nn.Module):
         metrics = {"mlm_loss": loss.detach(),
                    "mlm_accuracy": (correct / n_targets.clamp(min=1)).detach()}
         if sentence is not None and sentence_labels is not None:
-            sentence_loss = F.cross_entropy(sentence.float(), sentence_labels)
+            # Mean over the rows with a label (a row the loader skipped has ignore_index; 0, not
+            # NaN, when none has).
+            counted = (sentence_labels != ignore_index).sum().clamp(min=1)
+            sentence_loss = F.cross_entropy(sentence.float(), sentence_labels,
+                                            ignore_index=ignore_index, reduction="sum") / counted
             name = self.cfg.sentence_head
             metrics[f"{name}_loss"] = sentence_loss.detach()
-            metrics[f"{name}_accuracy"] = (sentence.argmax(-1) == sentence_labels).float().mean()
+            metrics[f"{name}_accuracy"] = (sentence.argmax(-1) == sentence_labels).sum() / counted
             loss = loss + sentence_loss
         return ModelOutput(logits=logits_BTV, loss=loss, n_targets=n_targets, metrics=metrics,
                            sentence_logits=sentence if return_logits else None)

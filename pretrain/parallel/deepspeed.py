@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import torch
 
-from pretrain.config import Config, global_batch_size
+from pretrain.config import Config, ModelConfig, global_batch_size
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
@@ -31,6 +31,11 @@ def reduce_bucket_size(cfg: Config) -> int:
     return max(cfg.model.d_model ** 2, 2**20)
 
 
+def persistence_threshold(model: ModelConfig) -> int:
+    """ZeRO-3 keeps parameters with fewer elements whole on every rank (norms, biases)."""
+    return 10 * model.d_model
+
+
 def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict:
     t, par = cfg.train, cfg.parallel
     zero: dict = {"stage": par.zero_stage}
@@ -45,7 +50,7 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict:
             # parameters below this size stay whole on every rank (no gather for norms and
             # biases); DeepSpeed's default, 1e5, would keep the matrices of models up to
             # d_model ~300 whole, i.e. not ZeRO-3 at all (Hugging Face's `auto` is 10 x d_model)
-            zero["stage3_param_persistence_threshold"] = 10 * cfg.model.d_model
+            zero["stage3_param_persistence_threshold"] = persistence_threshold(cfg.model)
         if par.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if par.offload_params:
