@@ -7,6 +7,7 @@ module are the only places that import deepspeed.
 
 from __future__ import annotations
 
+import types
 from datetime import timedelta
 
 import torch
@@ -66,6 +67,28 @@ def build_optimizer(cfg: Config, param_groups: list[dict]) -> torch.optim.Optimi
 
         return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
     return torch.optim.AdamW(param_groups, **kwargs)
+
+
+class UpdateGate:
+    """Vetoes optimizer updates: while `closed`, the client optimizer's step() does nothing.
+
+    This is how the trainer skips the update of a step with a non-finite loss in every
+    precision and ZeRO stage (in fp32 and bf16 no loss scaler does it): DeepSpeed runs its
+    step as usual, reducing, clipping and then clearing the accumulated gradients, but the
+    AdamW (or DeepSpeedCPUAdam) under it leaves the fp32 master weights and both moments as they
+    were, and DeepSpeed copies those unchanged weights back into the model. The instance's
+    `step` is wrapped, not its class: DeepSpeed tells optimizers apart by exact type.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.closed = False
+        inner = optimizer.step
+
+        def step(_optimizer, *args, **kwargs):
+            return None if self.closed else inner(*args, **kwargs)
+
+        # a bound method, as torch's LR schedulers expect to find (and wrap) there
+        optimizer.step = types.MethodType(step, optimizer)
 
 
 def init_engine(model, optimizer, lr_scheduler_fn, ds_config: dict, mpu=None):
