@@ -7,10 +7,12 @@ module are the only places that import deepspeed.
 
 from __future__ import annotations
 
+import os
 import types
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from pretrain.config import Config, global_batch_size
 
@@ -54,9 +56,22 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict:
 def init_distributed(backend: str, timeout_minutes: float) -> None:
     import deepspeed
 
-    deepspeed.init_distributed(
-        dist_backend=backend, timeout=timedelta(minutes=timeout_minutes), verbose=False
-    )
+    timeout = timedelta(minutes=timeout_minutes)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not dist.is_initialized():
+        # Under torchrun the process group meets in the agent's store, which outlives a restart
+        # (`pretrain train --max-restarts`). torch's env:// rendezvous adds no per-attempt
+        # prefix there, so a restarted rank can read the gloo address a dead rank of the
+        # previous attempt left and fail with "connectFullMesh ... Connection refused" (seen
+        # on 1 restart in 3 here). A prefix per attempt keeps the attempts apart.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        world = int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"pretrain/attempt-{attempt}",
+                                                                store),
+                                rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
+    # DeepSpeed keeps a process group that exists and sets up its communication around it.
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
 
 
 def build_optimizer(cfg: Config, param_groups: list[dict]) -> torch.optim.Optimizer:
