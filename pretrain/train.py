@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     elif env.launcher == "slurm":
         export_torch_env(env)
 
-    from pretrain.trainer import SetupError, Trainer  # heavy imports after the config is good
+    # heavy imports after the config is good
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.trainer import SetupError, Trainer
 
     try:
         trainer = Trainer(cfg, env, stop=stop)
@@ -64,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = trainer.train()
+    except CheckpointError as e:  # e.g. a full disk: the message says what is left and what to do
+        if env.rank == 0:  # every rank has the same error (the ranks agree on a save's outcome)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         trainer.close()
     status_file = os.environ.get(STATUS_FILE_VAR)
