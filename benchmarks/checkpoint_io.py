@@ -71,7 +71,6 @@ def _evict(paths) -> None:
 
 
 def plain_write(path: Path, buf: memoryview) -> None:
-    path.unlink(missing_ok=True)  # a new file, as a checkpoint is
     with open(path, "wb", buffering=0) as f:
         f.write(buf)
         os.fsync(f.fileno())
@@ -123,27 +122,57 @@ def worker(rank: int, port: int, args, out: str) -> None:
     state_io = EngineState(engine, dims)
     run_dir = Path(args.dir) / "run"
     mgr = CheckpointManager(run_dir, keep_last=1, rank=rank, world_size=WORLD)
-    train_state = {"step": 0, "samples_seen": 0}
+    plain = Path(args.dir) / f"plain-rank{rank}.bin"
     step = 0
-    results: dict[str, list[float]] = {k: [] for k in ("save", "write", "load", "read")}
+    results: dict[str, list[float]] = {k: [] for k in (
+        "save", "write", "load", "read", "stall_sync", "stall_async", "background", "step",
+        "step_during")}
     nbytes = 0
-    for _ in range(args.rounds):
+
+    def save(background: bool) -> None:
+        nonlocal step
         step += 1
-        results["save"].append(_timed(
-            lambda: mgr.save(state_io, step, {**train_state, "step": step}, "bench: 1\n")))
-        ckpt = mgr.dir / f"step-{step:08d}"
-        files = [p for p in ckpt.rglob("*") if p.is_file()]
-        nbytes = sum(p.stat().st_size for p in files)
-        dist.barrier()  # every rank's files are there before any rank sums them... and after
-        share = memoryview(torch.empty(nbytes // WORLD, dtype=torch.uint8).numpy()).cast("B")
-        plain = Path(args.dir) / f"plain-rank{rank}.bin"
-        results["write"].append(_timed(lambda: plain_write(plain, share)))
+        mgr.save(state_io, step, {"step": step, "samples_seen": 0}, "bench: 1\n",
+                 background=background)
+
+    for round_ in range(args.rounds):
+        # 1. save, then the same bytes written plainly; load, then read plainly
+        #    (the order flips every round: neither side always follows the other)
+        order = ["ours", "plain"] if round_ % 2 == 0 else ["plain", "ours"]
+        if not nbytes:  # the first round learns the size from a save
+            save(False)
+            nbytes = sum(p.stat().st_size for p in (mgr.dir / f"step-{step:08d}").rglob("*")
+                         if p.is_file())
+        share = memoryview(torch.rand(nbytes // WORLD // 4 + 1).numpy()).cast("B")[
+            : nbytes // WORLD]
+        for side in order:
+            if side == "ours":
+                results["save"].append(_timed(lambda: save(False)))
+            else:
+                plain.unlink(missing_ok=True)  # a new file, as a checkpoint's are
+                results["write"].append(_timed(lambda: plain_write(plain, share)))
         if args.cold:
-            _evict(files)
-            _evict([plain])
-        results["load"].append(_timed(lambda: mgr.load(state_io, step)))
-        results["read"].append(_timed(lambda: plain_read(plain, share)))
+            _evict([p for p in mgr.dir.rglob("*") if p.is_file()] + [plain])
+        for side in order:
+            if side == "ours":
+                results["load"].append(_timed(lambda: mgr.load(state_io, step)))
+            else:
+                results["read"].append(_timed(lambda: plain_read(plain, share)))
         del share
+        # 2. the stall of a save as the trainer sees it: right after an optimizer step
+        baseline = [train_step() for _ in range(2)]
+        results["step"].append(_slowest(min(baseline)))
+        for background in ([False, True] if round_ % 2 == 0 else [True, False]):
+            train_step()
+            stall = _timed(lambda: save(background))
+            results["stall_async" if background else "stall_sync"].append(stall)
+            if background:  # train on, as the loop does, until the write is done
+                t0, during = time.perf_counter(), []
+                while mgr._pending is not None:
+                    during.append(train_step())
+                    mgr.poll()
+                results["background"].append(_slowest(time.perf_counter() - t0))
+                results["step_during"].append(_slowest(sum(during) / max(1, len(during))))
     if rank == 0:
         Path(out).write_text(json.dumps({"bytes": nbytes, **results}))
     dist.barrier()
@@ -183,23 +212,32 @@ def main() -> None:
     print(f"model: GPT d={args.d_model}, {args.layers} layers, vocab {args.vocab}; fp32; "
           f"{WORLD} ranks (gloo); {args.rounds} alternating rounds, best of each; "
           f"{'cold' if args.cold else 'warm'} page cache; disk: {args.dir}", flush=True)
-    rows, worst = [], float("inf")
+    rows, stalls, worst, worst_stall = [], [], float("inf"), float("inf")
     try:
         for zero in args.zero:
             r = run_stage(args, zero)
+            print(json.dumps({"zero": zero, **r}), flush=True)
             gb = r["bytes"] / 1e9
             save, write = gb / min(r["save"]), gb / min(r["write"])
             load, read = gb / min(r["load"]), gb / min(r["read"])
             rows.append([f"ZeRO-{zero}", r["bytes"] / 1e6, save, write, save / write,
                          load, read, load / read])
             worst = min(worst, save / write, load / read)
-            print(json.dumps({"zero": zero, **r}), flush=True)
+            sync, async_ = min(r["stall_sync"]), min(r["stall_async"])
+            stalls.append([f"ZeRO-{zero}", 1e3 * sync, 1e3 * async_, sync / async_,
+                           1e3 * min(r["background"]), 1e3 * min(r["step"]),
+                           1e3 * min(r["step_during"])])
+            worst_stall = min(worst_stall, sync / async_)
     finally:
         if not keep:
             shutil.rmtree(args.dir, ignore_errors=True)
     print(load_line())
     print(table(["stage", "MB", "save GB/s", "write GB/s", "save/write", "load GB/s",
                  "read GB/s", "load/read"], rows))
+    print(table(["stage", "stall sync ms", "stall async ms", "sync/async", "background ms",
+                 "step ms", "step ms during"], stalls))
+    print(f"ratio stall of a synchronous save / an asynchronous one, worst stage: "
+          f"{worst_stall:.1f}x")
     print(f"ratio checkpoint / plain GB/s, worst of save and load: {worst:.2f}x")
 
 
