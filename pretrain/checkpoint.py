@@ -351,9 +351,12 @@ def load_rng(path: Path) -> dict:
     try:
         state = torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
+        what = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line][:1]
         raise CheckpointFormatError(
             f"refusing to load {path}: it holds objects other than tensors and plain values, "
-            f"which a checkpoint we wrote never does (weights_only=True): {str(e)[:300]}"
+            "which loading would have to run and a checkpoint we write never holds"
+            + (f" ({what[0]})" if what else "") + ". Do not load it unless you trust its "
+            "origin; without this file the checkpoint resumes on another grid's RNG seeds."
         ) from None
     except Exception as e:  # truncated or not a torch file
         raise CheckpointFormatError(f"cannot read {path}: {type(e).__name__}: {e}") from None

@@ -503,7 +503,11 @@ def read_engine_state(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
         _EngineStateFile.model_validate(data)
-    except (ValueError, ValidationError) as e:  # JSONDecodeError is a ValueError
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                             for err in e.errors())
+        raise StateLoadError(f"{path} is not a valid engine state file: {problems}") from None
+    except ValueError as e:  # not JSON
         raise StateLoadError(f"{path} is not a valid engine state file: {e}") from None
     return data
 
