@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # heavy imports after the config is good
     from pretrain.bad_steps import TrainingDiverged
     from pretrain.hang import RollCall, is_collective_timeout
+    from pretrain.checkpoint import CheckpointError
     from pretrain.trainer import SetupError, Trainer
 
     trainer = None
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:  # raised on every rank at the same step
         if env.rank == 0:
             print(f"error: {e}", file=sys.stderr)
+        trainer.close()
+        return 1
+    except CheckpointError as e:  # e.g. a full disk: the message says what is left, what to do
+        if env.rank == 0:  # every rank has the same error (the ranks agree on a save's outcome)
+            print(f"error: {e}", file=sys.stderr, flush=True)
         trainer.close()
         return 1
     except RuntimeError as e:

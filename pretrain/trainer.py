@@ -22,7 +22,7 @@ from data_pipeline.loader import ShardedLoader, iter_eval
 from data_pipeline.objectives import SpecialTokenError, build_objective
 from launch.env import DistEnv
 from pretrain.bad_steps import BadStep, BadStepTracker, sample_keys
-from pretrain.checkpoint import CheckpointManager, diff_dicts
+from pretrain.checkpoint import CheckpointFormatError, CheckpointManager, diff_dicts
 from pretrain.config import Config, global_batch_size
 from pretrain.config_io import resolved_dict, resolved_yaml
 from pretrain.faults import Faults, SlowSave
@@ -187,7 +187,8 @@ class Trainer:
             transform=self.objective,
         )
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank,
-                                      env.world_size)
+                                      env.world_size,
+                                      timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.logging.tensorboard)
         self.peak_tflops = device_peak_tflops(self.device, cfg.logging.peak_tflops)
         self.step = 0
@@ -226,6 +227,10 @@ class Trainer:
                 "zero_stage": self.cfg.parallel.zero_stage}
 
     def _resume(self) -> None:
+        removed = self.ckpt.remove_incomplete()  # saves that never finished (crash, full disk)
+        if removed:
+            print(f"[pretrain] removed incomplete checkpoint(s) {', '.join(removed)} from "
+                  f"{self.ckpt.dir}: saves that did not finish", flush=True)
         latest = self.ckpt.latest_step()
         if latest is None:
             return
@@ -235,7 +240,10 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints (latest {where}) and "
                 "checkpoint.resume=never: choose another run.dir or set checkpoint.resume=auto"
             )
-        state = self.ckpt.read_train_state(latest)
+        try:
+            state = self.ckpt.read_train_state(latest)
+        except CheckpointFormatError as e:
+            raise ResumeError(f"cannot resume from {where}: {e}") from None
         problems = diff_dicts(state["model"], resolved_dict(self.cfg)["model"], "model.")
         if "objective" in state:  # checkpoints from before objectives had none
             problems += diff_dicts(state["objective"], resolved_dict(self.cfg)["objective"],
@@ -269,7 +277,7 @@ class Trainer:
         where = self.ckpt.dir / f"step-{step:08d}"
         try:
             state = self.ckpt.load(self.state_io, step, with_rng=same_grid)
-        except StateLoadError as e:
+        except (StateLoadError, CheckpointFormatError) as e:
             raise ResumeError(f"cannot resume from {where}: {e}") from None
         if not same_grid:  # per-rank streams cannot carry over: restart them from the step
             torch.manual_seed(self.cfg.run.seed + 1 + self.dp_rank + 1_000_003 * state["step"])
@@ -280,9 +288,14 @@ class Trainer:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         return state
 
-    def save(self) -> None:
+    def save(self, final: bool = False) -> None:
+        """With checkpoint.async_save a periodic save writes in the background; a final one (end
+        of training, stop) returns once everything, the save in flight included, is on disk."""
         self.phase = f"the checkpoint save at step {self.step}"
-        self.ckpt.save(self.state_io, self.step, self.train_state(), resolved_yaml(self.cfg))
+        self.ckpt.save(self.state_io, self.step, self.train_state(), resolved_yaml(self.cfg),
+                       background=self.cfg.checkpoint.async_save and not final)
+        if final:
+            self.ckpt.wait()
 
     # ---- evaluation ------------------------------------------------------------------------
     def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -385,6 +398,7 @@ class Trainer:
             if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
                     and not self.bad_steps.in_a_row):  # a rollback target precedes the streak
                 self.save()
+            self.ckpt.poll(self.device)  # a background save's failure stops the run here
             if self.stop is not None:
                 stopped_by = self.stop.agreed(self.device)  # same answer on every rank
                 if stopped_by:
@@ -397,12 +411,13 @@ class Trainer:
             if main:
                 print(f"[pretrain] {signal_name(stopped_by)} received: stopping after step "
                       f"{self.step} and saving a checkpoint", flush=True)
-            self.save()
+            self.save(final=True)
         else:
             if last_val is None:
                 last_val = self._log_eval(self.evaluate())
             if cfg.checkpoint.save_final:
-                self.save()
+                self.save(final=True)
+        self.ckpt.wait()  # a background save still in flight (checkpoint.save_final=false)
         summary = {"run_dir": str(self.run_dir), "step": self.step, "first_val_loss": first_val,
                    "final_val_loss": last_val,
                    "stopped_by": signal_name(stopped_by) if stopped_by else None}
@@ -476,6 +491,7 @@ class Trainer:
 
     def _roll_back(self, batches):
         """Reload the latest checkpoint and take the bad steps since it out of the stream."""
+        self.ckpt.wait()  # a background save in flight may become the latest
         latest = self.ckpt.latest_step()
         position = (self.ckpt.read_train_state(latest)["loader"]["position"]
                     if latest is not None else 0)
@@ -593,7 +609,10 @@ class Trainer:
 
     def close(self, ok: bool = True) -> None:
         """After a failure (`ok` False) without the final barrier: the other ranks may be
-        stuck in a collective, or gone."""
+        stuck in a collective, or gone, so a save in flight is not waited for either (its
+        directory stays without the completion marker and is never resumed)."""
+        if ok:
+            self.ckpt.close()  # a save in flight finishes before the process group goes away
         self.metrics.close()
         self.loader.close()
         if dist.is_initialized():
