@@ -4,10 +4,11 @@ Off unless the environment variable PRETRAIN_FAULTS is set; this module is the o
 reads it, and a run that has it prints a warning naming every injected fault on rank 0. The
 value is a `;`-separated list of `name:key=value,key=value` items:
 
-    nan_loss:steps=4-6[,rank=1][,value=inf]   (repeatable) the loss of every micro-batch that holds a sample
-        of steps 4..6 of an uninterrupted run (global positions (4-1)*G .. 6*G, G the global
-        batch) becomes NaN (or inf) on `rank` (default: every rank). Bound to the data, like a
-        real bad batch: after a rollback skips those samples they are not fed again.
+    nan_loss:steps=4-6[,rank=1][,value=inf]   (repeatable) the loss of every micro-batch that
+        holds a sample of steps 4..6 of an uninterrupted run (global positions (4-1)*G to 6*G,
+        G the global batch) becomes NaN (or inf) on `rank` (default: every rank). Bound to the
+        data, like a real bad batch: after a rollback skips those samples they are not fed
+        again.
     hang:rank=1,step=3[,seconds=3600]          `rank` sleeps before the forward of step 3 (the
         others block in the next collective until parallel.timeout_minutes).
     slow_save:seconds=3[,step=200]             the checkpoint save (at `step`, default every one)

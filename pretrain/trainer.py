@@ -503,9 +503,10 @@ class Trainer:
         self._load(latest, same_grid=self.ckpt.has_rng(latest))
         self.skipped_steps = skipped  # a count of events, not part of the rolled-back state
         if self.env.is_main:
-            print(f"[pretrain] {streak} bad steps in a row: rolled back to the checkpoint of step {latest}; the "
-                  f"batches of steps {[s.step for s in dropped]} are skipped from now on "
-                  f"(listed in {self.run_dir / 'skipped_batches.jsonl'})", flush=True)
+            print(f"[pretrain] {streak} bad steps in a row: rolled back to the checkpoint of "
+                  f"step {latest}; the batches of steps {[s.step for s in dropped]} are "
+                  f"skipped from now on (listed in {self.run_dir / 'skipped_batches.jsonl'})",
+                  flush=True)
         self.metrics.log({"step": self.step, "rolled_back_to": latest,
                           "skipped_batches": [[s.start, s.stop] for s in dropped],
                           "rollbacks": self.bad_steps.rollbacks})

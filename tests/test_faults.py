@@ -79,9 +79,42 @@ STEPS = 16
 KILLS = {0: 3, 1: 2, 2: 2, 3: 3}  # trials per ZeRO stage: 10 in all
 
 
+def kill_run_overrides(data_dir, run_dir, stage: int, *extra: str) -> list[str]:
+    return overrides(data_dir, run_dir, f"parallel.zero_stage={stage}", "model.dropout=0.1",
+                     f"train.max_steps={STEPS}", "checkpoint.interval=3",
+                     "optim.warmup_steps=2", *extra)
+
+
+class Background:
+    """A run started now and awaited when its result is needed."""
+
+    def __init__(self, args: list[str], run_dir: Path) -> None:
+        self.proc, self.run_dir = start(args), run_dir
+
+    def wait(self) -> Path:
+        try:
+            out, _ = self.proc.communicate(timeout=600)
+        finally:
+            end(self.proc)
+        assert self.proc.returncode == 0, out[-4000:]
+        return self.run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    """The uninterrupted run every killed run is compared with. One serves all ZeRO stages: on
+    2 CPU ranks in fp32 their losses are bitwise the same (a sum of two gradients does not
+    depend on the order), which the comparison below checks too, from step 1."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    ref = Background(["train", str(TINY_CONFIG), *kill_run_overrides(tiny_data, run, 1),
+                      "--nproc", "2"], run)
+    yield ref
+    end(ref.proc)
+
+
 @pytest.mark.parametrize("stage", sorted(KILLS))
-def test_sigkill_of_a_random_rank_restarts_and_ends_as_an_uninterrupted_run(stage, tiny_data,
-                                                                            tmp_path):
+def test_sigkill_of_a_random_rank_restarts_and_ends_as_an_uninterrupted_run(
+        stage, tiny_data, uninterrupted, tmp_path):
     """A random rank is killed with SIGKILL at a random step (during a step, a checkpoint save
     or the audit write, wherever it falls), KILLS[stage] times; torchrun restarts both ranks,
     which resume from the latest complete checkpoint. The losses of every step, and so the
@@ -90,20 +123,15 @@ def test_sigkill_of_a_random_rank_restarts_and_ends_as_an_uninterrupted_run(stag
     from data_pipeline.audit import check_exactly_once
     from data_pipeline.format import Manifest
 
-    common = [f"parallel.zero_stage={stage}", "model.dropout=0.1", f"train.max_steps={STEPS}",
-              "checkpoint.interval=3", "optim.warmup_steps=2"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
+    run = tmp_path / "run"
     rng = random.Random(9000 + stage)
     n = KILLS[stage]
     # one kill in each of n windows of the run, at a random step, of a random rank
     span = (STEPS - 3) // n  # the last kill lands before the run's final steps
     plan = [(rng.randint(1 + i * span, (i + 1) * span - 1), rng.randrange(2)) for i in range(n)]
     print(f"ZeRO-{stage}: kill (step, rank) plan {plan}")
-    # the reference runs alongside (the machine has time to spare while ranks restart)
-    reference = start(["train", str(TINY_CONFIG), *overrides(tiny_data, ref, *common),
-                       "--nproc", "2"])
     proc = start(["train", str(TINY_CONFIG),
-                  *overrides(tiny_data, run, *common, "data.audit=true"), "--nproc", "2",
+                  *kill_run_overrides(tiny_data, run, stage, "data.audit=true"), "--nproc", "2",
                   "--max-restarts", str(n)])
     try:
         killed = []
@@ -122,23 +150,23 @@ def test_sigkill_of_a_random_rank_restarts_and_ends_as_an_uninterrupted_run(stag
             os.kill(pid, signal.SIGKILL)
             killed.append((logged(run)[-1]["step"], rank))
         out, _ = proc.communicate(timeout=300)
-        ref_out, _ = reference.communicate(timeout=300)
     finally:
         end(proc)
-        end(reference)
-    assert reference.returncode == 0, ref_out[-4000:]
     print(f"ZeRO-{stage}: killed (last logged step, rank) {killed}")
     assert proc.returncode == 0, out[-4000:]
     for attempt in range(1, n + 1):  # each restart resumed (or began anew before a checkpoint)
         assert f"torchrun restart {attempt}" in out, out[-4000:]
     records = [r for r in train_records(run) if "loss" in r]
     assert records[-1]["step"] == STEPS and records[-1]["restart_count"] == n
-    expected, got = losses_by_step(ref), losses_by_step(run)
+    expected, got = losses_by_step(uninterrupted.wait()), losses_by_step(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
-        assert got[step] == pytest.approx(expected[step], abs=1e-6, rel=0), step
+        assert got[step] == pytest.approx(expected[step], abs=1e-6, rel=0), (
+            f"step {step}" + (" (before any kill: this ZeRO stage's numerics differ from "
+                              "ZeRO-1's; give it its own reference)" if step < plan[0][0] else ""))
     report = check_exactly_once(run / "audit", Manifest.load(tiny_data), STEPS * 8)
-    assert report.records == STEPS * 8 and report.replayed > 0
+    assert report.records == STEPS * 8
+    print(f"ZeRO-{stage}: {report.replayed} sample positions replayed after the restarts")
 
 
 def checkpoint_tensors(run_dir: Path, step: int) -> dict:
@@ -239,3 +267,40 @@ def test_a_hung_rank_fails_the_run_within_the_timeout_and_is_named(tiny_data, tm
     assert "rank 1 (" in line and "pid" in line and "did not arrive" in line
     print(f"hang detected and the run ended {waited:.1f} s after step 2")
     assert waited < 6 + 3 + 20  # timeout + roll call grace + teardown on a loaded machine
+
+
+def test_fault_specs_that_do_not_parse_are_errors():
+    from pretrain.faults import Faults, FaultSpecError
+
+    f = Faults.parse("nan_loss:steps=4,rank=1; nan_loss:steps=9-11,value=inf; hang:rank=0,step=3")
+    assert [(a, b, r) for a, b, r, _ in f.nan_loss] == [(4, 4, 1), (9, 11, None)]
+    assert f.nan_loss[1][3] == float("inf")
+    assert f.hang == {"rank": 0, "step": 3, "seconds": 3600.0}
+    assert Faults.from_env({}) is None
+    for bad, why in [("nan_los:steps=4", "unknown fault 'nan_los'"),
+                     ("hang:rank=1", "bad 'hang:rank=1'"),
+                     ("slow_save:secs=3", "slow_save takes"),
+                     ("nan_loss:steps=x", "bad 'nan_loss:steps=x'")]:
+        with pytest.raises(FaultSpecError, match=why):
+            Faults.parse(bad)
+
+
+def test_audit_reports_rolled_back_positions_as_skipped(tiny_data, tmp_path):
+    """Positions a rollback took out are neither missing nor served; any other gap still
+    fails the check."""
+    from data_pipeline.audit import audit_file, check_exactly_once
+    from data_pipeline.format import Manifest, sample_key
+
+    manifest = Manifest.load(tiny_data)
+    n = manifest.splits["train"].samples
+    skipped = {p: sample_key("train", p) for p in range(16, 32)}
+    served = [p for p in range(n + 8) if p not in skipped]
+    audit_file(tmp_path, "train", 0).write_text(
+        "".join(f"{p} {p // n} {sample_key('train', p % n)}\n" for p in served))
+    report = check_exactly_once(tmp_path, manifest, n + 8, skipped=skipped)
+    assert report.skipped == 16 and report.full_epochs == 1
+    with pytest.raises(AssertionError, match=r"16 positions below .* not served: \[16, 32\)"):
+        check_exactly_once(tmp_path, manifest, n + 8)
+    del skipped[20]
+    with pytest.raises(AssertionError, match=r"1 positions below .* not served: \[20, 21\)"):
+        check_exactly_once(tmp_path, manifest, n + 8, skipped=skipped)
