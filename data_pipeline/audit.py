@@ -15,7 +15,10 @@ ranks, are what is checked.
 
 check_exactly_once proves, from those files alone, that positions [0, upto) were all served and
 that every complete epoch among them served each sample of the split exactly once, counting a
-skipped sample as accounted for: its report says how many were skipped and which.
+skipped sample as accounted for: its report says how many were skipped and which. Positions a
+training rollback took out of the stream (<run.dir>/skipped_batches.jsonl, see
+pretrain/bad_steps.py) are passed as `skipped`: they are reported as rolled back, neither
+required nor counted as served.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -144,12 +147,16 @@ class AuditReport:
     skipped: list[tuple[int, str]] = field(default_factory=list)
     """(position, key) of the positions below `upto` whose sample was skipped as damaged:
     accounted for, not served."""
+    rolled_back: int = 0
+    """Positions below `upto` that a rollback took out of the stream (not trained on)."""
 
 
 def check_exactly_once(
-    audit_dir: str | os.PathLike, manifest: Manifest, upto_position: int, split: str = "train"
+    audit_dir: str | os.PathLike, manifest: Manifest, upto_position: int, split: str = "train",
+    skipped: Mapping[int, str] | None = None,
 ) -> AuditReport:
-    """Verify the audit trail of `split` over positions [0, upto_position).
+    """Verify the audit trail of `split` over positions [0, upto_position); `skipped` maps the
+    positions a rollback skipped to their sample keys.
 
     Raises AssertionError listing the problems: a missing position, a record whose epoch or key
     is wrong, a full epoch that misses or repeats a sample, a repeat in the partial last epoch,
@@ -161,8 +168,13 @@ def check_exactly_once(
     problems = list(audit.conflicts[:5])
     if audit.conflicts:
         problems.insert(0, f"{len(audit.conflicts)} positions recorded with different samples:")
+    skipped = {p: k for p, k in (skipped or {}).items() if p < upto_position}
+    skipped_by_epoch: dict[int, set[int]] = {}  # samples whose place in an epoch was skipped
+    for position, key in skipped.items():
+        ids[position] = -2  # neither missing nor served
+        skipped_by_epoch.setdefault(position // n, set()).add(sample_index(key))
     for position, (epoch, key) in audit.records.items():
-        if position >= upto_position:
+        if position >= upto_position or position in skipped:
             continue
         try:
             index = sample_index(key)
@@ -174,7 +186,7 @@ def check_exactly_once(
             problems.append(f"position {position}: recorded epoch {epoch}, expected {position // n}")
         else:
             ids[position] = index
-    missing = np.flatnonzero(ids < 0)
+    missing = np.flatnonzero(ids == -1)
     if len(missing):
         problems.append(f"{len(missing)} positions below {upto_position} not served: {_ranges(missing)}")
     full_epochs = upto_position // n
@@ -187,7 +199,8 @@ def check_exactly_once(
                 f"epoch {epoch}: {len(repeated)} samples served more than once, e.g. "
                 + ", ".join(f"{sample_key(split, int(i))} x{counts[i]}" for i in repeated[:5])
             )
-        never = np.flatnonzero(counts == 0)
+        never = np.setdiff1d(np.flatnonzero(counts == 0),
+                             np.fromiter(skipped_by_epoch.get(epoch, ()), dtype=np.int64))
         if epoch < full_epochs and len(never):
             problems.append(
                 f"epoch {epoch}: {len(never)} samples never served, e.g. "
@@ -204,6 +217,7 @@ def check_exactly_once(
         replayed=audit.lines - len(audit.records),
         files=len(audit.files),
         skipped=sorted((p, audit.records[p][1]) for p in audit.skipped if p < upto_position),
+        rolled_back=len(skipped),
     )
 
 

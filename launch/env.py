@@ -42,7 +42,8 @@ class DistEnv:
     """`single`, `torchrun` (also the deepspeed launcher, which sets the same variables) or
     `slurm` (a task started by srun)."""
     restart_count: int = 0
-    """How often Slurm has restarted this job (SLURM_RESTART_COUNT: requeues, node failures)."""
+    """How often the job was restarted: by Slurm (SLURM_RESTART_COUNT: requeues, node
+    failures) or by torchrun (TORCHELASTIC_RESTART_COUNT: `pretrain train --max-restarts`)."""
 
     @property
     def is_main(self) -> bool:
@@ -71,7 +72,8 @@ def port_for_job(job_id: int) -> int:
 
 
 def _restart_count(env: dict[str, str]) -> int:
-    return _int_var(env, "SLURM_RESTART_COUNT") if env.get("SLURM_RESTART_COUNT") else 0
+    return sum(_int_var(env, k) for k in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
+               if env.get(k))
 
 
 def is_srun_task(environ: dict[str, str] | None = None) -> bool:

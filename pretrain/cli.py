@@ -1,7 +1,9 @@
 """The `pretrain` command.
 
     pretrain prepare  CONFIG [key=value ...] [--force]    raw text -> tokenizer, shards, manifest
-    pretrain train    CONFIG [key=value ...] [--nproc N]  train (N local ranks through torchrun)
+    pretrain train    CONFIG [key=value ...] [--nproc N] [--max-restarts R]
+                                                          train (N local ranks through torchrun,
+                                                          restarted R times if a rank fails)
     pretrain submit   train|prepare CONFIG [key=value ...] --nodes N [...]   Slurm job
     pretrain accelerate-config CONFIG --nproc-per-node P [...]   config for `accelerate launch`
     pretrain export   CHECKPOINT --out DIR               checkpoint -> Hugging Face directory
@@ -42,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t)
     t.add_argument("--nproc", type=int, default=None,
                    help="start this many local ranks with torchrun (default: this process only)")
+    t.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc: when a rank fails (killed, crashed), torchrun restarts "
+                        "all ranks up to this many times; they resume from the latest "
+                        "checkpoint (default 0: the run fails)")
     cli_launch.add_parsers(sub)
     for command in COMMANDS.values():
         command.add_parser(sub)
@@ -87,7 +93,10 @@ def cmd_train(args) -> int:
 
         return train_main([args.config, *args.overrides])
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if args.max_restarts < 0:
+        raise ConfigError([f"--max-restarts must be at least 0, got {args.max_restarts}"])
     cmd = [torchrun, "--standalone", f"--nproc-per-node={args.nproc}",
+           f"--max-restarts={args.max_restarts}",
            "-m", "pretrain.train", args.config, *args.overrides]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     os.execv(cmd[0], cmd)  # replaces this process: signals and exit code pass straight through

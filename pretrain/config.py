@@ -322,7 +322,9 @@ class ParallelConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `auto` is NCCL on GPU and gloo on CPU."""
     timeout_minutes: float = Field(10.0, gt=0)
-    """Timeout of collective operations; a rank that stops answering fails the run after it."""
+    """Timeout of collective operations (fractions allowed, e.g. 0.5). A rank that stops
+    answering fails the run after it: the other ranks' error names the ranks that did not
+    arrive (pretrain/hang.py)."""
 
 
 class OptimConfig(Section):
@@ -368,6 +370,14 @@ class TrainConfig(Section):
     """Write a training line to metrics.jsonl every this many steps."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
+    max_bad_steps: int = Field(5, ge=1)
+    """Steps in a row with a non-finite loss (NaN or inf, on any rank) after which the run rolls
+    back to its latest checkpoint and skips the batches of those steps. Each such step's update
+    is skipped (weights and optimizer moments unchanged) and recorded in
+    <run.dir>/bad_steps.jsonl; skipped batches go to <run.dir>/skipped_batches.jsonl."""
+    max_rollbacks: int = Field(3, ge=0)
+    """Rollbacks allowed in a run; the next streak of max_bad_steps bad steps stops it with an
+    error (the run diverges)."""
 
 
 class CheckpointConfig(Section):
@@ -380,6 +390,12 @@ class CheckpointConfig(Section):
     one. `never`: refuse to start if the run directory already holds checkpoints."""
     save_final: bool = True
     """Save a checkpoint when training ends."""
+    async_save: bool = False
+    """Write periodic checkpoints in a background thread: training stops only while the state is
+    copied to host memory, then goes on while the copy is written. Costs host memory equal to
+    this rank's share of the fp32 weights and Adam moments. At most one save is in flight; the
+    final save and a stop (Slurm signal) wait until everything is on disk; a failed background
+    save stops the run at the next step with the error."""
     init_from: str | None = None
     """Weights to start from when the run has no checkpoint yet: a model.safetensors written
     by `pretrain import` (continued pretraining of a Hugging Face model). Its shapes must match

@@ -2,10 +2,12 @@
 
 Only rank 0 writes. Training lines carry step, loss, lr, grad_norm, tokens_per_sec,
 samples_seen, tokens_seen (and mfu where the device peak is known), peak_mem_bytes and
-base_mem_bytes (PeakMemory); evaluation lines carry step, val_loss and val_ppl. Every line
-carries `time` (Unix seconds) and `elapsed` (seconds since the writing process started), from
-which reports take a run's wall time across restarts. Lines of a resumed run are appended to
-the same file.
+base_mem_bytes (PeakMemory); evaluation lines carry step, val_loss and val_ppl; a step whose
+update was skipped has a line with bad_step (the reason), bad_ranks and positions
+(pretrain/bad_steps.py), a rollback one with rolled_back_to. Every line carries `time` (Unix
+seconds) and `elapsed` (seconds since the writing process started), from which reports take a
+run's wall time across restarts. Lines of a resumed run are appended to the same file (a line a
+killed run left unfinished is cut first).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class MetricsLogger:
         self._process_start = psutil.Process().create_time()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_partial_line(self.path)
             self._file = open(self.path, "a", buffering=1)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
@@ -120,6 +123,16 @@ class MetricsLogger:
             self._file.close()
         if self._tb:
             self._tb.close()
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line left unfinished by a killed run, so that appended lines parse."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

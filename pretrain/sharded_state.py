@@ -5,24 +5,31 @@ how the run was laid out: per parameter its fp32 master weight and Adam's two mo
 optimizer step, the learning-rate scheduler and DeepSpeed's counters. So a checkpoint written by
 TP2 x DP2 under ZeRO-1 loads into TP1 x DP1 under ZeRO-3, or any other grid.
 
-Storage is PyTorch distributed checkpointing (DCP) with its safetensors storage:
+Storage is safetensors files in the layout of PyTorch distributed checkpointing's (DCP) sharded
+Hugging Face storage (pretrain/state_files.py):
 
-    step-N/state/shard-00001-model-00001-of-00001.safetensors   one file per writing rank
-    step-N/engine_state.json                                    step, scheduler, counters
+    step-N/state/rank-00000.safetensors   one file per rank that holds part of the state
+    step-N/engine_state.json              step, scheduler, counters
 
-Each tensor is written once, by one rank, as chunks of the whole tensor with their offsets in the
-safetensors header: a tensor-parallel weight as one chunk per TP rank (a DTensor sharded along
-its `partition_dim`), a replicated one whole. Loading asks DCP for the chunks this rank's layout
-needs; DCP reads the overlapping pieces of whatever was written (that is the resharding).
-safetensors holds no pickled code, and every JSON file is plain data.
+Each element of each tensor is written once, by one rank, inside a box of the whole tensor whose
+offsets are in the safetensors header. Loading asks DCP for the boxes this rank's layout needs;
+DCP reads the overlapping parts of whatever was written (that is the resharding). safetensors
+holds no pickled code, and every JSON file is plain data.
 
-Getting the whole-over-data-parallel tensors out of DeepSpeed, and back in, goes through
-DeepSpeed's public accessors (deepspeed.utils.safe_get_full_fp32_param and friends), which work
-for ZeRO 1-3 and bf16; without ZeRO in fp32 the module's parameters and torch's AdamW states are
-the tensors themselves. Each parameter is written by one data-parallel rank,
-so saving needs, per rank, about 3 x (parameters / (TP x DP)) fp32 of host memory at once
-(parameters are balanced over data-parallel ranks by size);
-loading goes in batches of at most LOAD_BATCH_BYTES.
+Saving: each rank writes the part of the fp32 masters and Adam moments that DeepSpeed keeps on it,
+straight from DeepSpeed's own buffers, with no communication: under ZeRO 1-3 a rank holds a
+contiguous run of each parameter's elements (row-major), and when that run is a box of the
+tensor (whole rows, or part of one row: nearly always, see state_files.box_of_range) the rank
+writes it as that box. A parameter whose run on some rank is not a box (a ZeRO-1/2 partition
+boundary inside a row), or that every rank holds whole (no ZeRO), is written whole by one
+data-parallel rank, gathered with DeepSpeed's public accessors (deepspeed.utils.
+safe_get_full_fp32_param and friends) when it is partitioned. Loading: each rank asks DCP for the
+box of the whole tensor its own run covers and reads it straight into DeepSpeed's buffers (the
+rows around the run, then a copy, when the run is not a box).
+
+`prepare_save` splits a save in two for asynchronous checkpoints: the collective part (agreeing
+on who writes what, once per run; the rare gathers) and a snapshot of this rank's boxes into a
+reusable host buffer, then a `write()` without collectives that a background thread may run.
 """
 
 from __future__ import annotations
@@ -30,18 +37,22 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from data_pipeline.format import atomic_write_text
+from pretrain.state_files import box_of_range, read_boxes, rows_around, shifted, write_boxes
 
 STATE_DIR = "state"
 ENGINE_STATE = "engine_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-LOAD_BATCH_BYTES = 1 << 30
 
 
 class StateLoadError(RuntimeError):
@@ -73,9 +84,24 @@ def _local_shape(p: Tensor) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape  # ZeRO-3 empties p itself
 
 
+@dataclass
+class Piece:
+    """This rank's part of one parameter's fp32 state: the row-major elements [start, stop) of
+    its tensor-parallel-local tensor, as 1-D views into DeepSpeed's own buffers (no copies):
+    views[None] is the fp32 master weight, views["exp_avg"] and views["exp_avg_sq"] Adam's.
+    `write_back` (ZeRO-3 when DeepSpeed hands out copies, e.g. offloaded states on a GPU run)
+    stores edited views back."""
+
+    start: int
+    stop: int
+    views: dict
+    write_back: Callable[[], None] | None = None
+
+
 class EngineState:
     """DeepSpeed's checkpoint interface (save_checkpoint / load_checkpoint) over a
-    grid-independent checkpoint. `CheckpointManager` drives it like a DeepSpeed engine."""
+    grid-independent checkpoint, plus `prepare_save` for asynchronous saves.
+    `CheckpointManager` drives it like a DeepSpeed engine."""
 
     def __init__(self, engine, dims) -> None:
         self.engine, self.dims = engine, dims
@@ -99,12 +125,47 @@ class EngineState:
                 "parallel.zero_stage >= 1")
         self.buffers = sorted((b for b in engine.module.buffers() if hasattr(b, "ckpt_name")),
                               key=lambda b: b.ckpt_name)
-        self._mesh = None
+        self._linked = False
+        self._writers: dict[int, tuple[int | None, bool]] | None = None
+        self._staging: Tensor | None = None  # host memory of asynchronous snapshots, reused
 
-    # ---- reading and writing DeepSpeed's tensors -------------------------------------------
+    # ---- DeepSpeed's buffers ---------------------------------------------------------------
+    def _pieces(self) -> dict[int, Piece]:
+        """This rank's Piece of every parameter, by id."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        out = {}
+        for p in self.params:
+            n = math.prod(_local_shape(p))
+            if hasattr(p, "ds_id"):  # ZeRO-3: rank r holds elements [r P, (r + 1) P), padded
+                size = p.ds_tensor.ds_numel
+                start = min(self.dims.dp_rank * size, n)
+                stop = min(start + size, n)
+                full = {None: safe_get_local_fp32_param(p)}
+                full |= {k: safe_get_local_optimizer_state(p, k) for k in MOMENTS}
+                views = {k: v.view(-1)[: stop - start] for k, v in full.items()}
+                write_back = None
+                if any(v._base is None for v in full.values()):  # copies, not DeepSpeed's own
+                    write_back = _zero3_write_back(p, full)
+                out[id(p)] = Piece(start, stop, views, write_back)
+            elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, bf16: a run of the flat fp32 partition
+                m = p._hp_mapping
+                if m is None:  # this rank's partition holds nothing of p
+                    out[id(p)] = Piece(0, 0, {})
+                    continue
+                start = m.lp_fragment_address.start
+                views = {None: m.get_hp_fragment()}
+                views |= {k: m.get_hp_fragment(k) for k in MOMENTS}
+                out[id(p)] = Piece(start, start + m.lp_fragment_address.numel, views)
+            else:  # no ZeRO, fp32: the parameter and torch's AdamW states, whole on every rank
+                state = self._plain_state(p)
+                views = {None: p.detach().view(-1)} | {k: state[k].view(-1) for k in MOMENTS}
+                out[id(p)] = Piece(0, n, views)
+        return out
+
     def _get(self, p: nn.Parameter, key: str | None) -> Tensor:
-        """fp32 master weight (key None) or Adam moment of p: this rank's TP chunk, whole over
-        data parallelism. Collective over the data-parallel group under ZeRO."""
+        """fp32 master weight (key None) or Adam moment of p, whole over data parallelism, on
+        the host. Collective over the data-parallel group under ZeRO."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
@@ -115,20 +176,6 @@ class EngineState:
         else:
             t = self._plain_state(p)[key]
         return t.detach().float().reshape(_local_shape(p)).cpu()
-
-    def _set(self, p: nn.Parameter, key: str | None, value: Tensor) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        value = value.to(device=p.device)
-        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-            if key is None:
-                safe_set_full_fp32_param(p, value)
-            else:
-                safe_set_full_optimizer_state(p, value, key)
-        elif key is None:
-            p.data.copy_(value)
-        else:
-            self._plain_state(p)[key].copy_(value.view_as(p))
 
     def _plain_state(self, p: Tensor) -> dict:
         """The optimizer state of (flat or plain) parameter p, created if missing: torch's
@@ -143,11 +190,14 @@ class EngineState:
 
     def _prepare_states(self) -> None:
         """Make sure every Adam state exists and DeepSpeed's per-parameter views of it are
-        linked. DeepSpeed (0.19) links them after the first step, and only for the parameter
-        groups stepped by then: with two groups (decay / no decay) the second is never linked,
-        so it is done here, with DeepSpeed's own linking function."""
+        linked (once: linking copies the states into new buffers). DeepSpeed (0.19) links them
+        after the first step, and only for the parameter groups stepped by then: with two groups
+        (decay / no decay) the second is never linked, so it is done here, with DeepSpeed's own
+        linking function."""
         from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
+        if self._linked:
+            return
         opt = self.optimizer
         if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
             pairs = zip(opt.single_partition_of_fp32_groups, opt.bit16_groups)
@@ -156,15 +206,16 @@ class EngineState:
         elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3 reads states by offset
             for flat in opt.fp32_partitioned_groups_flat:
                 self._plain_state(flat)
-            return
+            pairs = ()
         else:  # torch's optimizer on the parameters themselves
             for p in self.params:
                 self._plain_state(p)
-            return
+            pairs = ()
         for flat, lp_params in pairs:
             self._plain_state(flat)
             lazy_init_hp_params_optimizer_state(lp_params, flat, self.torch_optimizer.state)
-        opt._hp_optimizer_states_linked = True
+            opt._hp_optimizer_states_linked = True
+        self._linked = True
 
     def _push_master_weights(self) -> None:
         """After the fp32 masters were set, copy them into the weights forward uses."""
@@ -193,29 +244,7 @@ class EngineState:
                 st["step"] = (torch.full_like(st["step"], step) if torch.is_tensor(st["step"])
                               else step)
 
-    # ---- DCP ---------------------------------------------------------------------------------
-    def _tp_mesh(self):
-        if self._mesh is None:
-            from torch.distributed.device_mesh import DeviceMesh
-
-            device = "cuda" if dist.get_backend(self.dims.tp_group) == "nccl" else "cpu"
-            self._mesh = DeviceMesh.from_group(self.dims.tp_group, device_type=device)
-        return self._mesh
-
-    def _as_saved(self, t: Tensor, like: Tensor, local_shape: torch.Size):
-        """Wrap this rank's chunk for DCP: a DTensor when it is a TP split, else itself."""
-        if self.dims.tp == 1 or not getattr(like, "tensor_model_parallel", False):
-            return t
-        from torch.distributed.tensor import DTensor, Shard
-
-        shape = whole_shape(like, local_shape, self.dims.tp)
-        mesh = self._tp_mesh()
-        if mesh.device_type == "cuda":
-            t = t.cuda()
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(t, mesh, [Shard(like.partition_dim)], run_check=False,
-                                  shape=shape, stride=stride)
-
+    # ---- who writes what -----------------------------------------------------------------------
     def _entries(self):
         """(checkpoint key, parameter or buffer, optimizer key) in a fixed order."""
         for p in self.params:
@@ -225,38 +254,121 @@ class EngineState:
         for b in self.buffers:
             yield f"model.{b.ckpt_name}", b, "buffer"
 
-    # ---- DeepSpeed's checkpoint interface ----------------------------------------------------
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=False) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    def _tp_place(self, t: Tensor) -> tuple[int | None, int]:
+        """(dim, offset) of this rank's tensor-parallel chunk of t in the whole tensor."""
+        if self.dims.tp > 1 and getattr(t, "tensor_model_parallel", False):
+            dim = t.partition_dim
+            return dim, self.dims.tp_rank * _local_shape(t)[dim]
+        return None, 0
 
-        path = Path(save_dir) / tag
+    def _writer_plan(self, pieces: dict[int, Piece]) -> dict[int, tuple[int | None, bool]]:
+        """Per parameter (by id): (None, False) when every data-parallel rank writes its own
+        piece (each is a box); (r, gather) when data-parallel rank r writes it whole, gathered
+        first if it is partitioned. Collective over the data-parallel group, once: partitions
+        do not change during a run. The same answer on every rank of the group."""
+        if self._writers is None:
+            d = self.dims
+            runs = [(pieces[id(p)].start, pieces[id(p)].stop) for p in self.params]
+            everyone: list = [None] * d.dp
+            dist.all_gather_object(everyone, runs, group=d.dp_group)
+            balanced = _writers(self.params, d.dp)
+            plan = {}
+            for i, p in enumerate(self.params):
+                shape, n = tuple(_local_shape(p)), math.prod(_local_shape(p))
+                rs = [everyone[r][i] for r in range(d.dp)]
+                if all(r == (0, n) for r in rs):  # whole on every rank
+                    plan[id(p)] = (balanced[id(p)], False)
+                elif all(a == b or box_of_range(shape, a, b) for a, b in rs):
+                    plan[id(p)] = (None, False)
+                else:
+                    plan[id(p)] = (max(range(d.dp), key=lambda r: rs[r][1] - rs[r][0]), True)
+            self._writers = plan
+        return self._writers
+
+    def _boxes_to_save(self) -> dict[str, tuple[Tensor, tuple[int, ...]]]:
+        """{checkpoint key: (tensor shaped as its box, box offsets in the whole tensor)} that
+        this rank writes; views of DeepSpeed's buffers where possible. Collective (DP group)."""
         d = self.dims
         self._prepare_states()
-        state: dict[str, object] = {}
-        owners = _writers(self.params, d.dp)
+        pieces = self._pieces()
+        plan = self._writer_plan(pieces)
+        boxes = {}
         for key, t, okey in self._entries():
-            owner = owners.get(id(t), 0)
+            shape = tuple(_local_shape(t))
+            dim, off = self._tp_place(t)
+            if dim is None and d.tp_rank != 0:
+                continue  # the same on every tensor-parallel rank: rank 0 of them writes it
+            whole_box = shifted(((0,) * len(shape), shape), dim, off)[0]
             if okey == "buffer":
-                value, owner = t.detach().float().cpu(), 0
-            else:
-                value = self._get(t, okey)  # collective: every rank takes part
-            split = getattr(t, "tensor_model_parallel", False) and d.tp > 1
-            if d.dp_rank == owner and (split or d.tp_rank == 0):
-                state[key] = self._as_saved(value, t, _local_shape(t))
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(path / STATE_DIR),
-                                                                save_distributed=True))
-        if dist.get_rank() == 0:
-            engine_state = {
-                "optimizer_step": self._optimizer_step(),
-                "scheduler": _jsonable(self.engine.lr_scheduler.state_dict()),
-                "param_group_lrs": [g["lr"] for g in self.optimizer.param_groups],
-                "counters": {k: int(getattr(self.engine, k)) for k in
-                             ("global_steps", "global_samples", "skipped_steps")},
-                "loss_scaler": _scalars(getattr(self.optimizer, "loss_scaler", None)),
-                "grid": {"tensor_parallel": d.tp, "data_parallel": d.dp},
-            }
-            atomic_write_text(path / ENGINE_STATE, json.dumps(engine_state, indent=2))
+                if d.dp_rank == 0:
+                    boxes[key] = (t.detach().float(), whole_box)
+                continue
+            owner, gather = plan[id(t)]
+            piece = pieces[id(t)]
+            if gather:
+                value = self._get(t, okey)  # collective: every data-parallel rank takes part
+                if d.dp_rank == owner:
+                    boxes[key] = (value, whole_box)
+            elif owner is not None:
+                if d.dp_rank == owner:
+                    boxes[key] = (piece.views[okey].view(shape), whole_box)
+            elif piece.stop > piece.start:
+                offsets, sizes = box_of_range(shape, piece.start, piece.stop)
+                boxes[key] = (piece.views[okey].view(sizes), shifted((offsets, sizes), dim, off)[0])
+        return boxes
+
+    def _to_host(self, boxes: dict, copy: bool) -> dict:
+        """The boxes in host memory: copied into one reusable (pinned, on a GPU machine) buffer
+        when `copy` (a snapshot that training may not change) or when they are on a device."""
+        if not copy and all(t.device.type == "cpu" for t, _ in boxes.values()):
+            return boxes
+        total = sum(t.numel() for t, _ in boxes.values())
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = None  # free the old one first
+            self._staging = torch.empty(total, dtype=torch.float32,
+                                        pin_memory=torch.cuda.is_available())
+        out, at = {}, 0
+        for key, (t, offsets) in boxes.items():
+            host = self._staging[at: at + t.numel()].view(t.shape)
+            host.copy_(t, non_blocking=True)
+            out[key] = (host, offsets)
+            at += t.numel()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+
+    # ---- DeepSpeed's checkpoint interface ----------------------------------------------------
+    def prepare_save(self, save_dir, tag: str, *, copy: bool = True) -> Callable[[], None]:
+        """The collective part of a save, on every rank at the same step: agree on the writers,
+        take this rank's boxes (copied to host memory when `copy`, so training may go on) and
+        the engine's counters. Returns write(), which writes them without any collective (safe
+        in a background thread; with copy=False, only before the next optimizer step)."""
+        path = Path(save_dir) / tag
+        boxes = self._to_host(self._boxes_to_save(), copy)
+        rank = dist.get_rank()
+        engine_state = self._engine_state() if rank == 0 else None
+
+        def write() -> None:
+            if boxes:
+                write_boxes(path / STATE_DIR / f"rank-{rank:05d}.safetensors", boxes)
+            if engine_state is not None:
+                atomic_write_text(path / ENGINE_STATE, json.dumps(engine_state, indent=2))
+
+        return write
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=False) -> None:
+        self.prepare_save(save_dir, tag, copy=False)()
+
+    def _engine_state(self) -> dict:
+        return {
+            "optimizer_step": self._optimizer_step(),
+            "scheduler": _jsonable(self.engine.lr_scheduler.state_dict()),
+            "param_group_lrs": [g["lr"] for g in self.optimizer.param_groups],
+            "counters": {k: int(getattr(self.engine, k)) for k in
+                         ("global_steps", "global_samples", "skipped_steps")},
+            "loss_scaler": _scalars(getattr(self.optimizer, "loss_scaler", None)),
+            "grid": {"tensor_parallel": self.dims.tp, "data_parallel": self.dims.dp},
+        }
 
     def load_checkpoint(self, load_dir, tag=None, load_optimizer_states=True,
                         load_lr_scheduler_states=True):
@@ -267,12 +379,10 @@ class EngineState:
                     f"{path} holds DeepSpeed's own checkpoint files, written before checkpoints "
                     "became shape-independent; resume it with the version that wrote it")
             return None, None
-        engine_state = json.loads((path / ENGINE_STATE).read_text())
+        engine_state = read_engine_state(path / ENGINE_STATE)
         self._check_shapes(path / STATE_DIR)
         self._prepare_states()
-        entries = list(self._entries())
-        for batch in _batches(entries, self.dims.tp):
-            self._load_batch(path / STATE_DIR, batch)
+        self._read_state(path / STATE_DIR)
         self._push_master_weights()
         self._set_optimizer_step(engine_state["optimizer_step"])
         if load_lr_scheduler_states:
@@ -287,22 +397,38 @@ class EngineState:
                 setattr(scaler, k, v)
         return str(path), engine_state
 
-    def _load_batch(self, state_dir: Path, batch: list) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import HuggingFaceStorageReader
-
-        state = {}
-        for key, t, okey in batch:
-            local = torch.zeros(_local_shape(t), dtype=torch.float32)
-            state[key] = self._as_saved(local, t, _local_shape(t))
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(state_dir)))
-        for key, t, okey in batch:
-            value = state[key]
-            value = value.to_local() if hasattr(value, "to_local") else value
+    def _read_state(self, state_dir: Path) -> None:
+        """Read this rank's piece of every tensor, into DeepSpeed's buffers where it is a box
+        of host memory, else through a temporary box of whole rows around it."""
+        pieces = self._pieces()
+        boxes, copies = {}, []
+        for key, t, okey in self._entries():
+            shape = tuple(_local_shape(t))
+            dim, off = self._tp_place(t)
             if okey == "buffer":
-                t.data.copy_(value.to(t.dtype))
-            else:
-                self._set(t, okey, value)
+                tmp = torch.empty(shape, dtype=torch.float32)
+                boxes[key] = (tmp, shifted(((0,) * len(shape), shape), dim, off)[0])
+                copies.append((t.data.view(-1), tmp, 0))
+                continue
+            piece = pieces[id(t)]
+            if piece.stop == piece.start:
+                continue
+            view = piece.views[okey]
+            box = box_of_range(shape, piece.start, piece.stop)
+            if box is not None and view.device.type == "cpu":
+                boxes[key] = (view.view(box[1]), shifted(box, dim, off)[0])
+                continue
+            box, at = (box, 0) if box is not None else rows_around(shape, piece.start,
+                                                                   piece.stop)
+            tmp = torch.empty(box[1], dtype=torch.float32)
+            boxes[key] = (tmp, shifted(box, dim, off)[0])
+            copies.append((view, tmp, at))
+        read_boxes(state_dir, boxes)
+        for dest, tmp, at in copies:
+            dest.copy_(tmp.view(-1)[at: at + dest.numel()])
+        for piece in pieces.values():
+            if piece.write_back is not None:
+                piece.write_back()
 
     def _check_shapes(self, state_dir: Path) -> None:
         saved = read_saved_shapes(state_dir)
@@ -317,6 +443,17 @@ class EngineState:
         if problems:
             raise StateLoadError(f"{state_dir} does not fit this model:\n  "
                                  + "\n  ".join(problems[:20]))
+
+
+def _zero3_write_back(p: Tensor, full: dict) -> Callable[[], None]:
+    def write_back() -> None:
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        safe_set_local_fp32_param(p, full[None])
+        for k in MOMENTS:
+            safe_set_local_optimizer_state(p, full[k], k)
+
+    return write_back
 
 
 def read_saved_shapes(state_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -346,13 +483,33 @@ def read_whole(state_dir: Path, prefix: str = "") -> dict[str, Tensor]:
 
 def write_whole(state: dict[str, Tensor], state_dir: Path) -> None:
     """Write whole tensors as a state directory (one process, no process group)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    boxes = {k: (t.contiguous(), (0,) * t.dim()) for k, t in state.items()}
+    write_boxes(Path(state_dir) / "rank-00000.safetensors", boxes)
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch.distributed is disabled, unavailable",
-                                category=UserWarning)
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(state_dir)), no_dist=True)
+
+class _EngineStateFile(BaseModel):
+    """engine_state.json: what load_checkpoint reads from it, with types."""
+
+    model_config = ConfigDict(extra="allow")
+    optimizer_step: int = Field(ge=0)
+    scheduler: dict
+    param_group_lrs: list[float]
+    counters: dict[Literal["global_steps", "global_samples", "skipped_steps"], int]
+    loss_scaler: dict[str, bool | int | float]
+
+
+def read_engine_state(path: Path) -> dict:
+    """engine_state.json, checked: a file that is not what save wrote is refused by name."""
+    try:
+        data = json.loads(path.read_text())
+        _EngineStateFile.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                             for err in e.errors())
+        raise StateLoadError(f"{path} is not a valid engine state file: {problems}") from None
+    except ValueError as e:  # not JSON
+        raise StateLoadError(f"{path} is not a valid engine state file: {e}") from None
+    return data
 
 
 def _writers(params: list[Tensor], dp: int) -> dict[int, int]:
@@ -365,21 +522,6 @@ def _writers(params: list[Tensor], dp: int) -> dict[int, int]:
         owner[id(p)] = d
         load[d] += math.prod(_local_shape(p))
     return owner
-
-
-def _batches(entries: list, tp: int):
-    """Consecutive groups of entries of at most LOAD_BATCH_BYTES of whole-tensor size (the
-    same split on every rank: it depends only on whole shapes)."""
-    batch, size = [], 0
-    for entry in entries:
-        n = math.prod(whole_shape(entry[1], _local_shape(entry[1]), tp)) * 4
-        if batch and size + n > LOAD_BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-        batch.append(entry)
-        size += n
-    if batch:
-        yield batch
 
 
 def _scalars(obj) -> dict:

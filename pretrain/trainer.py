@@ -11,6 +11,7 @@ import math
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -20,14 +21,18 @@ from data_pipeline.format import Manifest
 from data_pipeline.loader import ShardedLoader, iter_eval
 from data_pipeline.objectives import SpecialTokenError, build_objective
 from launch.env import DistEnv
-from pretrain.checkpoint import CheckpointManager, diff_dicts
+from pretrain.bad_steps import BadStep, BadStepTracker, sample_keys
+from pretrain.checkpoint import CheckpointFormatError, CheckpointManager, diff_dicts
 from pretrain.config import Config, global_batch_size
 from pretrain.config_io import resolved_dict, resolved_yaml
+from pretrain.faults import Faults, SlowSave
+from pretrain.hang import RollCall
 from pretrain.metrics import MetricsLogger, PeakMemory, device_peak_tflops, read_metrics
 from pretrain.model import build_model
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 from pretrain.parallel.deepspeed import (
-    build_ds_config, build_optimizer, init_distributed, init_engine, resolve_precision,
+    UpdateGate, build_ds_config, build_optimizer, init_distributed, init_engine,
+    resolve_precision,
 )
 from pretrain.parallel.dims import GridError, ParallelDims
 from pretrain.parallel.tensor_parallel import TensorParallelError, apply_tensor_parallel
@@ -94,6 +99,8 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, stop: StopRequest | None = None):
         self.cfg, self.env = cfg, env
         self.stop = stop  # checked at every step boundary (pretrain/stop.py)
+        self.faults = Faults.from_env()  # None unless a test injects faults (pretrain/faults.py)
+        self.phase = "setup"  # what the run is doing, for the error of a collective timeout
         self.device = pick_device(cfg, env)
         backend = cfg.parallel.backend
         if backend == "auto":
@@ -106,7 +113,11 @@ class Trainer:
             raise SetupError(str(e)) from None
         init_distributed(backend, cfg.parallel.timeout_minutes)
         self.memory = PeakMemory(self.device)  # before the model: peak - base is the run's
-        self.dims.build_groups()
+        self.rollcall = RollCall(env.rank, env.world_size, cfg.parallel.timeout_minutes * 60,
+                                 env.restart_count)
+        if self.faults is not None and env.is_main:
+            print(f"[pretrain] WARNING: {self.faults.describe()}", flush=True)
+        self.dims.build_groups(timedelta(minutes=cfg.parallel.timeout_minutes))
         self.dp_size, self.dp_rank = self.dims.dp, self.dims.dp_rank
         self.global_batch = global_batch_size(cfg, env.world_size)
         self.precision = resolve_precision(cfg, self.device)
@@ -152,6 +163,7 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         optimizer = build_optimizer(cfg, param_groups(model, cfg.optim.weight_decay))
+        self.update_gate = UpdateGate(optimizer)  # closed for the update of a bad step
         self.ds_config = build_ds_config(cfg, env.world_size, self.precision)
         lr_fn = lr_factor_fn(cfg.optim, cfg.train.max_steps)
         self.engine, self.scheduler = init_engine(
@@ -162,6 +174,8 @@ class Trainer:
         # activations and must draw the same masks (split heads/positions fork their own).
         torch.manual_seed(cfg.run.seed + 1 + self.dp_rank)
         self.state_io = EngineState(self.engine, self.dims)  # what checkpoints save and load
+        if self.faults is not None and self.faults.slow_save:
+            self.state_io = SlowSave(self.state_io, self.faults)
 
         self.loader = ShardedLoader(
             cfg.data.dir, "train", micro_batch_size=cfg.train.micro_batch_size,
@@ -175,11 +189,15 @@ class Trainer:
             on_corrupt=cfg.data.on_corrupt, corrupt_dir=self._corrupt_dir(),
         )
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank,
-                                      env.world_size)
+                                      env.world_size,
+                                      timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.logging.tensorboard)
         self.peak_tflops = device_peak_tflops(self.device, cfg.logging.peak_tflops)
         self.step = 0
         self.samples_seen = 0
+        self.skipped_steps = 0  # steps whose update was skipped (non-finite loss)
+        self.bad_steps = BadStepTracker(self.run_dir, env.is_main, cfg.train.max_bad_steps,
+                                        cfg.train.max_rollbacks)
         self._grad_norm: float | None = None
         self.resumed_from: int | None = None
         self._resume()
@@ -194,6 +212,7 @@ class Trainer:
             "step": self.step,
             "samples_seen": self.samples_seen,
             "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
+            "skipped_steps": self.skipped_steps,
             "loader": self.loader.state_dict(),
             "model": resolved_dict(self.cfg)["model"],
             "vocab_size": self.vocab_size,
@@ -215,6 +234,10 @@ class Trainer:
                 "zero_stage": self.cfg.parallel.zero_stage}
 
     def _resume(self) -> None:
+        removed = self.ckpt.remove_incomplete()  # saves that never finished (crash, full disk)
+        if removed:
+            print(f"[pretrain] removed incomplete checkpoint(s) {', '.join(removed)} from "
+                  f"{self.ckpt.dir}: saves that did not finish", flush=True)
         latest = self.ckpt.latest_step()
         if latest is None:
             return
@@ -224,7 +247,10 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints (latest {where}) and "
                 "checkpoint.resume=never: choose another run.dir or set checkpoint.resume=auto"
             )
-        state = self.ckpt.read_train_state(latest)
+        try:
+            state = self.ckpt.read_train_state(latest)
+        except CheckpointFormatError as e:
+            raise ResumeError(f"cannot resume from {where}: {e}") from None
         problems = diff_dicts(state["model"], resolved_dict(self.cfg)["model"], "model.")
         if "objective" in state:  # checkpoints from before objectives had none
             problems += diff_dicts(state["objective"], resolved_dict(self.cfg)["objective"],
@@ -248,9 +274,17 @@ class Trainer:
         if saved != self._grid() and self.env.is_main:
             print(f"[pretrain] resuming {where} on another shape: saved by "
                   f"{_shape(saved)}, loading into {_shape(self._grid())}", flush=True)
+        self._load(latest, same_grid)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.resumed_from = latest
+
+    def _load(self, step: int, same_grid: bool) -> dict:
+        """Model, optimizer, scheduler, RNG (`same_grid`), loader position and counters of the
+        checkpoint of `step`."""
+        where = self.ckpt.dir / f"step-{step:08d}"
         try:
-            state = self.ckpt.load(self.state_io, latest, with_rng=same_grid)
-        except StateLoadError as e:
+            state = self.ckpt.load(self.state_io, step, with_rng=same_grid)
+        except (StateLoadError, CheckpointFormatError) as e:
             raise ResumeError(f"cannot resume from {where}: {e}") from None
         if not same_grid:  # per-rank streams cannot carry over: restart them from the step
             torch.manual_seed(self.cfg.run.seed + 1 + self.dp_rank + 1_000_003 * state["step"])
@@ -259,10 +293,16 @@ class Trainer:
         except ValueError as e:
             raise ResumeError(f"cannot resume from {where}: {e}") from None
         self.step, self.samples_seen = state["step"], state["samples_seen"]
-        self.resumed_from = latest
+        return state
 
-    def save(self) -> None:
-        self.ckpt.save(self.state_io, self.step, self.train_state(), resolved_yaml(self.cfg))
+    def save(self, final: bool = False) -> None:
+        """With checkpoint.async_save a periodic save writes in the background; a final one (end
+        of training, stop) returns once everything, the save in flight included, is on disk."""
+        self.phase = f"the checkpoint save at step {self.step}"
+        self.ckpt.save(self.state_io, self.step, self.train_state(), resolved_yaml(self.cfg),
+                       background=self.cfg.checkpoint.async_save and not final)
+        if final:
+            self.ckpt.wait()
 
     # ---- evaluation ------------------------------------------------------------------------
     def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -336,15 +376,10 @@ class Trainer:
         last_val = None
         stopped_by = None
         while self.step < t.max_steps:
-            sums: dict[str, torch.Tensor] = {}  # loss and the family's metrics
-            for micro in range(t.grad_accum_steps):
-                out = self.engine(**self._inputs(next(batches)))
-                self.engine.backward(out.loss)
-                if micro == t.grad_accum_steps - 1 and self._engine_skips_grad_norm:
-                    self._grad_norm = self._reduced_grad_norm()
-                self.engine.step()
-                for name, value in {"loss": out.loss, **out.metrics}.items():
-                    sums[name] = sums.get(name, 0) + value.detach().double().cpu()
+            batches = self._skip_rolled_back(batches)
+            self.phase = f"step {self.step + 1}"
+            first = self.loader.position  # the step's batch: positions [first, first + G)
+            sums, bad = self._train_step(batches)
             self.step += 1
             self.samples_seen += self.global_batch
             window_steps += 1
@@ -353,16 +388,25 @@ class Trainer:
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{loss:.4f}")
-            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+            if self.step % t.log_interval == 0 or self.step == t.max_steps or bad:
                 elapsed = time.perf_counter() - window_start
                 self._log_train(loss, tokens_per_step * window_steps / elapsed,
                                 elapsed / window_steps, means)
                 window_start, window_steps = time.perf_counter(), 0
+            if bad is None:
+                self.bad_steps.good()
+            elif self._bad_step(BadStep(self.step, first, first + self.global_batch, bad[0]),
+                                bad[1]):
+                batches = self._roll_back(batches)
+                window_start, window_steps = time.perf_counter(), 0
+                continue
             last_val = None
             if t.eval_interval and self.step % t.eval_interval == 0:
                 last_val = self._log_eval(self.evaluate())
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+            if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
+                    and not self.bad_steps.in_a_row):  # a rollback target precedes the streak
                 self.save()
+            self.ckpt.poll(self.device)  # a background save's failure stops the run here
             if self.stop is not None:
                 stopped_by = self.stop.agreed(self.device)  # same answer on every rank
                 if stopped_by:
@@ -375,18 +419,119 @@ class Trainer:
             if main:
                 print(f"[pretrain] {signal_name(stopped_by)} received: stopping after step "
                       f"{self.step} and saving a checkpoint", flush=True)
-            self.save()
+            self.save(final=True)
         else:
             if last_val is None:
                 last_val = self._log_eval(self.evaluate())
             if cfg.checkpoint.save_final:
-                self.save()
+                self.save(final=True)
+        self.ckpt.wait()  # a background save still in flight (checkpoint.save_final=false)
         summary = {"run_dir": str(self.run_dir), "step": self.step, "first_val_loss": first_val,
                    "final_val_loss": last_val,
                    "stopped_by": signal_name(stopped_by) if stopped_by else None}
         if main:
             print(self._summary(summary), flush=True)
         return summary
+
+    def _train_step(self, batches) -> tuple[dict[str, torch.Tensor], tuple[str, list[int]] | None]:
+        """Forward, backward and update over grad_accum_steps micro-batches. Returns the summed
+        loss and metrics, and (reason, ranks) when the update was skipped as bad."""
+        t = self.cfg.train
+        if self.faults is not None:
+            self.faults.maybe_hang(self.step + 1, self.env.rank, self.stop)
+        sums: dict[str, torch.Tensor] = {}  # loss and the family's metrics
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # this rank's losses
+        bad = None
+        for micro in range(t.grad_accum_steps):
+            batch = next(batches)
+            out = self.engine(**self._inputs(batch))
+            loss = out.loss
+            if self.faults is not None:
+                loss = self.faults.poison_loss(loss, batch["positions"], self.env.rank,
+                                               self.global_batch)
+            nonfinite |= ~torch.isfinite(loss.detach())  # no host sync per micro-batch
+            self.engine.backward(loss)
+            if micro == t.grad_accum_steps - 1:
+                if self._engine_skips_grad_norm:
+                    self._grad_norm = self._reduced_grad_norm()
+                bad = self._agree_bad(nonfinite)
+                self.update_gate.closed = bad is not None
+            try:
+                self.engine.step()
+            finally:
+                self.update_gate.closed = False
+            for name, value in {"loss": loss, **out.metrics}.items():
+                sums[name] = sums.get(name, 0) + value.detach().double().cpu()
+        if bad is not None and not self.engine.was_step_applied():
+            # DeepSpeed saw the non-finite gradients itself and skipped the scheduler too; a
+            # skipped step keeps its place in the learning-rate schedule either way.
+            self.scheduler.step()
+        return sums, bad
+
+    def _agree_bad(self, nonfinite: torch.Tensor) -> tuple[str, list[int]] | None:
+        """Collective: (reason, ranks) if any rank's loss (or the gradient norm) is not finite."""
+        flags = torch.zeros(self.env.world_size, dtype=torch.int32, device=self.device)
+        flags[self.env.rank] = nonfinite.to(torch.int32)
+        dist.all_reduce(flags)
+        ranks = flags.nonzero().flatten().tolist()
+        if ranks:
+            return f"non-finite loss on rank(s) {ranks}", ranks
+        if self._engine_skips_grad_norm and not math.isfinite(self._grad_norm):
+            return "non-finite gradient norm", list(range(self.env.world_size))
+        return None
+
+    def _bad_step(self, step: BadStep, ranks: list[int]) -> bool:
+        """Count, log and record a skipped update; True when a rollback is due."""
+        self.skipped_steps += 1
+        keys = sample_keys(self.loader, step.start, step.stop)
+        roll = self.bad_steps.bad(step, keys, ranks)
+        in_a_row = len(self.bad_steps.in_a_row)
+        self.metrics.log({"step": step.step, "bad_step": step.reason, "bad_ranks": ranks,
+                          "positions": [step.start, step.stop], "bad_in_a_row": in_a_row,
+                          "skipped_steps": self.skipped_steps})
+        if self.env.is_main:
+            shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} samples)" if len(keys) > 4 else "")
+            print(f"[pretrain] step {step.step}: {step.reason}: update skipped ({in_a_row} in a "
+                  f"row, rollback at {self.cfg.train.max_bad_steps}); batch at positions "
+                  f"[{step.start}, {step.stop}): {shown}; all in "
+                  f"{self.run_dir / 'bad_steps.jsonl'}", flush=True)
+        return roll
+
+    def _roll_back(self, batches):
+        """Reload the latest checkpoint and take the bad steps since it out of the stream."""
+        self.ckpt.wait()  # a background save in flight may become the latest
+        latest = self.ckpt.latest_step()
+        position = (self.ckpt.read_train_state(latest)["loader"]["position"]
+                    if latest is not None else 0)
+        streak = len(self.bad_steps.in_a_row)
+        dropped = self.bad_steps.roll_back(latest, position, self.loader)  # or raises
+        batches.close()  # stops its DataLoader workers
+        skipped = self.skipped_steps
+        self.phase = f"the rollback to step {latest}"
+        self._load(latest, same_grid=self.ckpt.has_rng(latest))
+        self.skipped_steps = skipped  # a count of events, not part of the rolled-back state
+        if self.env.is_main:
+            print(f"[pretrain] {streak} bad steps in a row: rolled back to the checkpoint of "
+                  f"step {latest}; the batches of steps {[s.step for s in dropped]} are "
+                  f"skipped from now on (listed in {self.run_dir / 'skipped_batches.jsonl'})",
+                  flush=True)
+        self.metrics.log({"step": self.step, "rolled_back_to": latest,
+                          "skipped_batches": [[s.start, s.stop] for s in dropped],
+                          "rollbacks": self.bad_steps.rollbacks})
+        return iter(self.loader)
+
+    def _skip_rolled_back(self, batches):
+        """`batches`, or a new iterator past the skipped batches the stream has reached."""
+        position = self.loader.position
+        target = self.bad_steps.skip_to(position)
+        if target == position:
+            return batches
+        batches.close()
+        self.loader.load_state_dict({**self.loader.state_dict(), "position": target})
+        if self.env.is_main:
+            print(f"[pretrain] step {self.step + 1}: skipping the rolled-back samples at "
+                  f"positions [{position}, {target})", flush=True)
+        return iter(self.loader)
 
     @property
     def _engine_skips_grad_norm(self) -> bool:
@@ -420,6 +565,7 @@ class Trainer:
             "epoch": self.loader.epoch,
             "restart_count": self.env.restart_count,
             **self.memory.stats(),
+            "skipped_steps": self.skipped_steps,
             **metrics,
         }
         if self.cfg.data.on_corrupt == "skip":  # damaged samples skipped since the last record
@@ -456,7 +602,8 @@ class Trainer:
             f"ZeRO-{self.cfg.parallel.zero_stage}"
             f" | {self.device.type} {self.precision} | global batch {self.global_batch} x "
             f"{self.cfg.data.seq_len} tokens | {how} | run dir {self.run_dir}"
-            + (f" | Slurm restart {self.env.restart_count}" if self.env.restart_count else "")
+            + (f" | {'Slurm' if self.env.launcher == 'slurm' else 'torchrun'} restart "
+               f"{self.env.restart_count}" if self.env.restart_count else "")
         )
 
     @staticmethod
@@ -473,8 +620,15 @@ class Trainer:
             lines.append(f"validation loss after step {s['step']}: {final:.4f}")
         return "\n".join(lines)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """After a failure (`ok` False) without the final barrier: the other ranks may be
+        stuck in a collective, or gone, so a save in flight is not waited for either (its
+        directory stays without the completion marker and is never resumed)."""
+        if ok:
+            self.ckpt.close()  # a save in flight finishes before the process group goes away
         self.metrics.close()
+        self.loader.close()
         if dist.is_initialized():
-            dist.barrier()
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()

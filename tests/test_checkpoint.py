@@ -14,6 +14,8 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,8 @@ import torch
 
 from launch.env import free_port
 from pretrain.checkpoint import (
-    MARKER, CheckpointManager, capture_rng, diff_dicts, restore_rng, tag_for,
+    MARKER, CheckpointExistsError, CheckpointManager, CheckpointSaveError, capture_rng, diff_dicts,
+    restore_rng, tag_for,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,10 +125,14 @@ def test_a_save_that_fails_midway_is_never_selected_and_is_cleaned_up(tmp_path):
     mgr, engine = manager(tmp_path), FakeEngine(weight=1.0)
     save(mgr, engine, 100)
     engine.weight, engine.fail_after_first_shard = 2.0, True
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointSaveError, match="(?s)step-00000200 failed:.*No space left.*"
+                       "step-00000100 is intact") as info:
         save(mgr, engine, 200)
-    partial = mgr.dir / "step-00000200"
-    assert (partial / SHARD).is_file() and not (partial / MARKER).exists()
+    assert isinstance(info.value.__cause__, OSError)
+    # the partial directory is removed at once (it frees the space a full disk needs)
+    assert not (mgr.dir / "step-00000200").exists()
+    (mgr.dir / "step-00000200").mkdir()  # as a killed save leaves it: shards, no marker
+    torch.save({}, mgr.dir / "step-00000200" / SHARD)
     # a restart sees the previous checkpoint only
     restarted = manager(tmp_path)
     assert restarted.latest_step() == 100 and restarted.complete_steps() == [100]
@@ -143,7 +150,7 @@ def test_a_save_that_fails_midway_is_never_selected_and_is_cleaned_up(tmp_path):
 def test_a_failed_step_can_be_saved_again(tmp_path):
     mgr, engine = manager(tmp_path), FakeEngine(weight=3.0)
     engine.fail_after_first_shard = True
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointSaveError):
         save(mgr, engine, 50)
     assert mgr.latest_step() is None and not (mgr.dir / "latest").exists()
     engine.fail_after_first_shard = False
@@ -178,6 +185,97 @@ def test_only_well_named_directories_with_the_marker_count(tmp_path):
     assert sorted(p.name for p in mgr.dir.iterdir()) == sorted(
         ["step-100", "global_step300", "step-00000300.old", "step-0000030x", "step-00000020",
          "latest"])
+
+
+def test_a_complete_step_of_another_trajectory_is_never_overwritten(tmp_path):
+    save(manager(tmp_path), FakeEngine(weight=1.0), 10)
+    marker = (manager(tmp_path).dir / "step-00000010" / MARKER).read_text()
+    # another process (a restart that did not resume from it) reaches step 10 with other weights
+    mgr = manager(tmp_path)
+    with pytest.raises(CheckpointExistsError, match="step-00000010 is already a complete"):
+        save(mgr, FakeEngine(weight=2.0), 10)
+    assert (mgr.dir / "step-00000010" / MARKER).read_text() == marker
+    fresh = FakeEngine()
+    mgr.load(fresh, 10)
+    assert fresh.weight == 1.0
+    save(mgr, FakeEngine(weight=1.0), 10)  # once resumed from it, saving it again is a no-op
+
+
+# ---- background saves --------------------------------------------------------------------------
+class BackgroundEngine(FakeEngine):
+    """prepare_save as EngineState offers it: the write waits for `release` (or fails)."""
+
+    def __init__(self, weight: float = 0.0):
+        super().__init__(weight)
+        self.release = threading.Event()
+        self.events: list[str] = []
+        self.fail = False
+        self.copies: list[bool] = []
+
+    def prepare_save(self, save_dir, tag, *, copy=True):
+        self.copies.append(copy)  # a background save must not write from live training memory
+        weight = self.weight  # the snapshot
+
+        def write():
+            self.events.append(f"start {tag}")
+            assert self.release.wait(30)
+            if self.fail:
+                raise OSError(28, "No space left on device")
+            d = Path(save_dir) / tag
+            d.mkdir(parents=True, exist_ok=True)
+            torch.save({"weight": torch.tensor(weight)}, d / SHARD)
+            self.events.append(f"end {tag}")
+
+        return write
+
+
+def test_a_background_save_commits_only_after_its_write(tmp_path):
+    mgr, engine = manager(tmp_path), BackgroundEngine(weight=1.0)
+    engine.release.set()
+    save(mgr, engine, 1)  # in the foreground, writing from the engine's memory
+    engine.release.clear()
+    path = mgr.save(engine, 2, {"step": 2, "samples_seen": 16}, "x: 2\n", background=True)
+    engine.weight = 5.0  # training goes on: the checkpoint keeps the snapshot
+    mgr.poll()
+    assert mgr.latest_step() == 1 and not (path / MARKER).exists()
+    assert latest_file(mgr) == "step-00000001"
+    engine.release.set()
+    mgr.wait()
+    assert mgr.latest_step() == 2 and latest_file(mgr) == "step-00000002"
+    assert engine.copies == [False, True]
+    fresh = FakeEngine()
+    assert manager(tmp_path).load(fresh, 2)["samples_seen"] == 16
+    assert fresh.weight == 1.0
+
+
+def test_at_most_one_background_save_is_in_flight(tmp_path):
+    mgr, engine = manager(tmp_path), BackgroundEngine()
+    threading.Timer(0.3, engine.release.set).start()
+    mgr.save(engine, 1, {"step": 1}, "", background=True)
+    mgr.save(engine, 2, {"step": 2}, "", background=True)  # waits for the first
+    assert engine.events[:2] == ["start step-00000001", "end step-00000001"]
+    mgr.wait()
+    assert engine.events == ["start step-00000001", "end step-00000001",
+                             "start step-00000002", "end step-00000002"]
+    assert mgr.complete_steps() == [1, 2]
+
+
+def test_a_background_failure_reaches_the_training_loop(tmp_path):
+    mgr, engine = manager(tmp_path), BackgroundEngine()
+    engine.release.set()
+    mgr.save(engine, 1, {"step": 1}, "", background=True)
+    mgr.wait()
+    engine.fail = True
+    mgr.save(engine, 2, {"step": 2}, "", background=True)
+    deadline = time.monotonic() + 30
+    with pytest.raises(CheckpointSaveError, match="(?s)step-00000002 failed.*No space left.*"
+                       "step-00000001 is intact"):
+        while time.monotonic() < deadline:  # the loop polls at every step
+            mgr.poll()
+            time.sleep(0.01)
+    assert mgr.complete_steps() == [1] and latest_file(mgr) == "step-00000001"
+    assert not (mgr.dir / "step-00000002").exists()
+    mgr.wait()  # raised once: nothing is in flight any more
 
 
 # ---- retention ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -108,36 +109,86 @@ def test_hostile_values_reach_the_run_verbatim_and_inject_nothing(reference):
     assert reference["log"].parent == run_dir / "slurm" and reference["log"].is_file()
 
 
-def test_usr1_saves_requeues_and_resumes_to_the_same_losses(cluster, tiny_data, reference,
-                                                           tmp_path):
+def test_preemption_at_random_moments_and_during_a_save_loses_nothing(cluster, tiny_data,
+                                                                      reference, tmp_path):
+    """One job, interrupted three times (three trials; the moments are seeded and printed):
+
+    1. `scancel --signal=USR1` at a random step (what Slurm sends before the time limit): the
+       ranks agree on a step, save there and exit; the job requeues itself.
+    2. `scontrol requeue` at a random step of the second run: what preemption with requeue
+       does, SIGTERM to every process of the job (SIGKILL after KillWait), then the job goes back
+       to the queue. The ranks save the same way.
+    3. `scontrol requeue` while the checkpoint of step 200 is being written (the fault
+       slow_save holds it 4 s before its COMPLETE marker): the save completes and is the one
+       resumed from.
+
+    Every step, before and after each requeue, has the loss of the uninterrupted run, and the
+    audit shows each sample position served exactly once with nothing replayed."""
+    from data_pipeline.audit import check_exactly_once
+    from data_pipeline.format import Manifest
+
+    rng = random.Random(4242)
+    usr1_at, term_at = rng.randint(20, 90), rng.randint(110, 180)
+    print(f"USR1 at step >= {usr1_at}, requeue at step >= {term_at}, requeue during the save "
+          "of step 200")
     run_dir = tmp_path / "run"
-    proc = submit(cluster, "train", str(TINY_CONFIG), *overrides(tiny_data, run_dir),
-                  "--nodes", "2", "--signal-seconds", "60")
+    proc = submit(cluster, "train", str(TINY_CONFIG),
+                  *overrides(tiny_data, run_dir, "data.audit=true"), "--nodes", "2",
+                  "--signal-seconds", "60", "--env", "PRETRAIN_FAULTS=slow_save:seconds=4,step=200")
     job = submitted_job_id(proc.stdout)
-    # signal once the run is well under way (both ranks past setup)
-    deadline = time.monotonic() + 180
-    while not (run_dir / "metrics.jsonl").is_file() or len(train_losses(run_dir)) < 20:
-        assert time.monotonic() < deadline, "the job did not start training"
-        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING")
-        time.sleep(0.2)
+    ckpt = run_dir / "checkpoints" / "step-00000200"
+
+    def wait(what: str, done) -> None:
+        deadline = time.monotonic() + 240
+        while not done():
+            assert time.monotonic() < deadline, f"the job never got to {what}"
+            assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING", "REQUEUED",
+                                                    "COMPLETING"), cluster.diagnostics(job)
+            time.sleep(0.1)
+
+    def reached(step: int, restart: int):
+        return lambda: any(r["step"] >= step and r["restart_count"] == restart
+                           for r in train_records_so_far(run_dir))
+
+    wait(f"step {usr1_at}", reached(usr1_at, 0))
     cluster.run("scancel", "--signal=USR1", job)
-    info = cluster.wait(job, timeout=240)
+    wait(f"step {term_at} after a requeue", reached(term_at, 1))
+    cluster.run("scontrol", "requeue", job)
+    wait("the save of step 200", lambda: ckpt.is_dir() and not (ckpt / "COMPLETE").exists())
+    cluster.run("scontrol", "requeue", job)
+    info = cluster.wait(job, timeout=300)
     log = job_log(proc.stdout).read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:] + cluster.diagnostics(job)
-    assert info["Restarts"] == "1"
-    stop_line = next(line for line in log.splitlines() if "SIGUSR1 received" in line)
-    stopped_at = int(stop_line.split("after step ")[1].split()[0])
-    assert 20 <= stopped_at < STEPS, stop_line
-    assert f"stopped at step {stopped_at} by SIGUSR1 with a checkpoint: requeueing" in log
-    assert f"resumed from step {stopped_at}" in log and "Slurm restart 1" in log
+    assert info["Restarts"] == "3", log[-3000:]
+
+    stops = [(line.split("] ")[1].split()[0], int(line.split("after step ")[1].split()[0]))
+             for line in log.splitlines() if "received: stopping after step" in line]
+    print(f"stopped by {stops}")
+    assert [s for s, _ in stops] == ["SIGUSR1", "SIGTERM", "SIGTERM"], log[-3000:]
+    assert stops[0][1] >= usr1_at and stops[1][1] >= term_at and stops[2][1] == 200
+    assert f"stopped at step {stops[0][1]} by SIGUSR1 with a checkpoint: requeueing" in log
+    assert "pauses 4.0 s before COMPLETE" in log  # the third requeue came during that pause
+    for attempt, (_, step) in enumerate(stops, 1):
+        assert f"resumed from step {step}" in log and f"Slurm restart {attempt}" in log
     assert "training finished at step 300" in log
-    # every step, before and after the requeue, has the loss of the uninterrupted run
+    # every step, before and after each requeue, has the loss of the uninterrupted run
     expected, got = losses_by_step(reference["run_dir"]), losses_by_step(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], abs=1e-6, rel=0), step
     restarts = {r["step"]: r["restart_count"] for r in train_records(run_dir) if "loss" in r}
-    assert restarts[stopped_at] == 0 and restarts[stopped_at + 1] == 1
+    for attempt, (_, step) in enumerate(stops):
+        assert restarts[step] == attempt and restarts[step + 1] == attempt + 1
+    report = check_exactly_once(run_dir / "audit", Manifest.load(tiny_data), STEPS * 2 * 4)
+    assert report.replayed == 0  # each run resumed exactly where the previous one stopped
+
+
+def train_records_so_far(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text().split("\n")[:-1]  # not a line being written
+    return [r for r in map(json.loads, lines) if "loss" in r]
 
 
 def test_two_node_checkpoint_resumes_as_one_node_job_under_accelerate(cluster, reference,

@@ -7,9 +7,12 @@ module are the only places that import deepspeed.
 
 from __future__ import annotations
 
+import os
+import types
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from pretrain.config import Config, ModelConfig, global_batch_size
 
@@ -74,9 +77,22 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict:
 def init_distributed(backend: str, timeout_minutes: float) -> None:
     import deepspeed
 
-    deepspeed.init_distributed(
-        dist_backend=backend, timeout=timedelta(minutes=timeout_minutes), verbose=False
-    )
+    timeout = timedelta(minutes=timeout_minutes)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not dist.is_initialized():
+        # Under torchrun the process group meets in the agent's store, which outlives a restart
+        # (`pretrain train --max-restarts`). torch's env:// rendezvous adds no per-attempt
+        # prefix there, so a restarted rank can read the gloo address a dead rank of the
+        # previous attempt left and fail with "connectFullMesh ... Connection refused" (seen
+        # on 1 restart in 3 here). A prefix per attempt keeps the attempts apart.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        world = int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"pretrain/attempt-{attempt}",
+                                                                store),
+                                rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
+    # DeepSpeed keeps a process group that exists and sets up its communication around it.
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
 
 
 def build_optimizer(cfg: Config, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -87,6 +103,28 @@ def build_optimizer(cfg: Config, param_groups: list[dict]) -> torch.optim.Optimi
 
         return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
     return torch.optim.AdamW(param_groups, **kwargs)
+
+
+class UpdateGate:
+    """Vetoes optimizer updates: while `closed`, the client optimizer's step() does nothing.
+
+    This is how the trainer skips the update of a step with a non-finite loss in every
+    precision and ZeRO stage (in fp32 and bf16 no loss scaler does it): DeepSpeed runs its
+    step as usual, reducing, clipping and then clearing the accumulated gradients, but the
+    AdamW (or DeepSpeedCPUAdam) under it leaves the fp32 master weights and both moments as they
+    were, and DeepSpeed copies those unchanged weights back into the model. The instance's
+    `step` is wrapped, not its class: DeepSpeed tells optimizers apart by exact type.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.closed = False
+        inner = optimizer.step
+
+        def step(_optimizer, *args, **kwargs):
+            return None if self.closed else inner(*args, **kwargs)
+
+        # a bound method, as torch's LR schedulers expect to find (and wrap) there
+        optimizer.step = types.MethodType(step, optimizer)
 
 
 def init_engine(model, optimizer, lr_scheduler_fn, ds_config: dict, mpu=None):

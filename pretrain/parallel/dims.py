@@ -18,6 +18,8 @@ rank.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -72,17 +74,19 @@ class ParallelDims:
         return cls(tp=tp, dp=world_size // tp, rank=rank, world_size=world_size,
                    local_world_size=local)
 
-    def build_groups(self) -> "ParallelDims":
+    def build_groups(self, timeout: timedelta | None = None) -> "ParallelDims":
         """Create the tensor- and data-parallel process groups (collective: every rank calls it,
-        and creates every group, in the same order)."""
+        and creates every group, in the same order). `timeout`: of their collectives; pass the
+        run's (parallel.timeout_minutes), since torch gives new groups its global default (10
+        or 30 minutes), not the default group's."""
         if self.world_size == 1 or not dist.is_initialized():
             return self
         for d in range(self.dp):
-            group = dist.new_group(self.tp_ranks(d))
+            group = dist.new_group(self.tp_ranks(d), timeout=timeout)
             if d == self.dp_rank:
                 self._tp_group = group
         for t in range(self.tp):
-            group = dist.new_group(self.dp_ranks(t))
+            group = dist.new_group(self.dp_ranks(t), timeout=timeout)
             if t == self.tp_rank:
                 self._dp_group = group
         return self
