@@ -31,9 +31,10 @@ This module is the one place that predicts memory. Everything is per rank (one r
   autograd saves, family by family (tests/test_planner.py).
 * Transients (`transient_bytes`): the gradients with DeepSpeed's reduction buffer at the end of
   backward, and the gradients with the optimizer's temporaries during its step; ZeRO-3's
-  gathered parameters, which stay alive between uses.
+  gathered parameters, which stay alive between uses in forward and backward.
 * The peak (`peak_bytes`) is parameters + optimizer states + the largest of the three moments:
-  forward/backward (activations), gradient reduction, optimizer step.
+  forward/backward (activations, with ZeRO-3's gathered parameters), gradient reduction (also
+  with them), optimizer step.
 
 What is not counted: the process itself (on GPU, the CUDA context and NCCL's buffers, which
 torch.cuda.max_memory_allocated does not see either, hence the headroom; on CPU the
@@ -182,8 +183,8 @@ def transient_bytes(params: ParamCounts, psi_r: int, zero_stage: int, dp: int, p
                     offload_optimizer: bool = False) -> dict[str, float]:
     """Per rank, what exists besides the parameters and optimizer states at the two moments
     that are not the forward/backward pass (each includes the gradients of that moment), and
-    ZeRO-3's gathered parameters, which live throughout. A GPU allocates a bucket whole; a CPU
-    commits only the pages the gradients fill.
+    ZeRO-3's gathered parameters, which live through forward and backward. A GPU allocates a
+    bucket whole; a CPU commits only the pages the gradients fill.
 
     * gradient reduction (end of backward): ZeRO-0 all-reduces the gradients through a flat
       copy of them (even on one rank); ZeRO-1/2/3 through a bucket of `reduce_bucket` elements
@@ -191,13 +192,15 @@ def transient_bytes(params: ParamCounts, psi_r: int, zero_stage: int, dp: int, p
       gradient partition.
     * optimizer step: torch's AdamW makes two temporaries of each tensor it updates (sqrt(v)
       and the quotient): per parameter for ZeRO-0, of the whole fp32 partition for ZeRO 1-3,
-      which hold their gradient partition in fp32 at that moment (ZeRO-2/3 as a copy of the
-      reduced partition).
+      which hold their gradient partition in fp32 at that moment (ZeRO-1/2 the reduced
+      partition and its fp32 copy: DeepSpeed's stage 1 and 2 share that code, and stage 1 has
+      dropped the whole gradients once they are reduced; ZeRO-3 its fp32 partition).
     * gradient buffers: what DeepSpeed allocates once and keeps (BF16_Optimizer's fp32
       gradients; ZeRO-3's flat gradient partition).
     * gathered params (ZeRO-3): up to stage3_max_live_parameters (1e9) gathered parameters
-      stay alive between their uses, so a model below that size is whole on every rank, next
-      to its partition.
+      stay alive between their uses in forward and backward, so a model below that size is
+      whole on every rank, next to its partition, until backward has used it: not at the
+      optimizer step (measured, BENCHMARKS.md section 7).
     """
     b = BYTES[precision]
     grads = model_state_bytes(psi_r, zero_stage, dp, precision)["grads"]
@@ -216,10 +219,9 @@ def transient_bytes(params: ParamCounts, psi_r: int, zero_stage: int, dp: int, p
         out["optimizer step"] = grads + (4 * psi_r if b == 2 else 0) + 2 * 4 * params.largest
     elif zero_stage in (1, 2):
         out["gradient reduction"] = grads + bucket * (4 if zero_stage == 1 else b)
-        if zero_stage == 1:  # accumulated into the fp32 partition
-            fp32_grads = 4 * partition
-        else:  # the reduced partition, and (fp32 model) its fp32 copy
-            fp32_grads = grads + (4 * partition if precision == "fp32" else 0)
+        # the reduced partition (ZeRO-2's gradients), and (fp32 model) its fp32 copy
+        reduced = model_state_bytes(psi_r, 2, dp, precision)["grads"]
+        fp32_grads = reduced + (4 * partition if precision == "fp32" else 0)
         out["optimizer step"] = (0.0 if offload_optimizer else fp32_grads) + temps
     else:  # ZeRO-3 allocates its flat gradient partition at the start
         out["gradient buffers"] = grads
@@ -497,13 +499,13 @@ def memory_breakdown(cfg: Config, layout: Layout, params: ParamCounts,
 
 
 def peak_bytes(memory: dict[str, float]) -> float:
-    """Parameters + optimizer states (+ ZeRO-3's gathered parameters and the gradient buffers
-    DeepSpeed allocates at the start), plus the largest of the three moments: forward/backward
-    (activations), gradient reduction, optimizer step."""
-    resident = (memory["params"] + memory["optimizer"] + memory.get("gathered params", 0.0)
-                + memory.get("gradient buffers", 0.0))
-    return resident + max(memory["activations"], memory["gradient reduction"],
-                          memory["optimizer step"])
+    """Parameters + optimizer states (+ the gradient buffers DeepSpeed allocates at the
+    start), plus the largest of the three moments: forward/backward (activations, and ZeRO-3's
+    gathered parameters), gradient reduction (also with them), optimizer step."""
+    resident = (memory["params"] + memory["optimizer"] + memory.get("gradient buffers", 0.0))
+    gathered = memory.get("gathered params", 0.0)
+    return resident + max(memory["activations"] + gathered,
+                          memory["gradient reduction"] + gathered, memory["optimizer step"])
 
 
 def plan(cfg: Config, layout: Layout, *, gpu_memory: float | None = None,

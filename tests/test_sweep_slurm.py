@@ -44,7 +44,7 @@ slurm:
             log = out / "slurm" / f"pretrain-sweep-lr-nodes-n{nodes}-{job}_{task}.out"
             text = log.read_text() if log.is_file() else "(no log)"
             assert info["JobState"] == "COMPLETED", text[-3000:] + cluster.diagnostics(job)
-            assert f"world {nodes} (dp {nodes})" in text and "training finished at step 20" \
+            assert f"world {nodes} (tp 1 x dp {nodes})" in text and "training finished at step 20" \
                 in text
     for name in names:
         assert sorted(losses_by_step(out / name)) == list(range(1, 21)), name
