@@ -217,9 +217,27 @@ class EngineState:
             opt._hp_optimizer_states_linked = True
         self._linked = True
 
-    def _push_master_weights(self) -> None:
-        """After the fp32 masters were set, copy them into the weights forward uses."""
+    def _push_master_weights(self, state_dir: Path) -> None:
+        """After the fp32 masters were loaded, set the weights forward uses. ZeRO-1/2 (and
+        DeepSpeed's bf16 optimizer) keep those whole on every rank: each rank reads them from
+        the checkpoint, much cheaper than DeepSpeed's update_lp_params (which casts this rank's
+        masters and all-gathers the weights over the data-parallel group) and equal to it, as
+        the file holds the masters those weights are cast from. ZeRO-3 casts its partition."""
         opt = self.optimizer
+        if hasattr(opt, "update_lp_params") and not hasattr(opt, "fp32_partitioned_groups_flat"):
+            boxes, casts = {}, []
+            for p in self.params:
+                shape = tuple(p.shape)
+                box = shifted(((0,) * len(shape), shape), *self._tp_place(p))[0]
+                if p.dtype == torch.float32 and p.is_cpu:
+                    boxes[f"model.{p.ckpt_name}"] = (p.data, box)
+                else:
+                    boxes[f"model.{p.ckpt_name}"] = (torch.empty(shape), box)
+                    casts.append(p)
+            read_boxes(state_dir, boxes)
+            for p in casts:
+                p.data.copy_(boxes[f"model.{p.ckpt_name}"][0])
+            return
         if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
             for i, fp32_flat in enumerate(opt.fp32_partitioned_groups_flat):
                 lp_flat = opt.fp16_partitioned_groups_flat[i]
@@ -229,8 +247,6 @@ class EngineState:
                 parts = opt.fp16_partitioned_groups[i]
                 for part, q in zip(parts, opt.unflatten(lp_flat, parts)):
                     part.data = q.data
-        elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2, bf16
-            opt.update_lp_params()
 
     def _optimizer_step(self) -> int:
         steps = {int(st["step"]) for st in self.torch_optimizer.state.values() if "step" in st}
@@ -383,7 +399,7 @@ class EngineState:
         self._check_shapes(path / STATE_DIR)
         self._prepare_states()
         self._read_state(path / STATE_DIR)
-        self._push_master_weights()
+        self._push_master_weights(path / STATE_DIR)
         self._set_optimizer_step(engine_state["optimizer_step"])
         if load_lr_scheduler_states:
             self.engine.lr_scheduler.load_state_dict(engine_state["scheduler"])
@@ -425,7 +441,7 @@ class EngineState:
             copies.append((view, tmp, at))
         read_boxes(state_dir, boxes)
         for dest, tmp, at in copies:
-            dest.copy_(tmp.view(-1)[at: at + dest.numel()])
+            dest.detach().copy_(tmp.view(-1)[at: at + dest.numel()])
         for piece in pieces.values():
             if piece.write_back is not None:
                 piece.write_back()

@@ -20,6 +20,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -129,10 +130,84 @@ class BoxLoadPlanner(DefaultLoadPlanner):
 
 def read_boxes(state_dir: Path, boxes: dict[str, tuple[Tensor, tuple[int, ...]]]) -> None:
     """Fill {key: (tensor shaped as its box, box offsets in the whole tensor)} from a state
-    directory, in this process alone (no collectives): each rank reads only what it asks for."""
-    with warnings.catch_warnings():  # DCP warns that it runs without a process group: intended
-        warnings.filterwarnings("ignore", message=r".*torch.distributed is disabled, unavailable",
-                                category=UserWarning)
-        dcp.load({k: t for k, (t, _) in boxes.items()},
-                 storage_reader=HuggingFaceStorageReader(str(state_dir)),
-                 planner=BoxLoadPlanner({k: o for k, (_, o) in boxes.items()}), no_dist=True)
+    directory, in this process alone (no collectives): each rank reads only what it asks for.
+
+    A box that lies in one stored box as one run of its bytes (the same box, when the grid did
+    not change; whole rows of it; part of one row) is read from the file straight into the
+    tensor's memory, as one sequential read. DCP assembles the others (a box that spans stored
+    boxes, e.g. on another grid) through safetensors' memory map and a copy."""
+    index = read_index(state_dir)
+    direct: dict[Path, list[tuple[int, Tensor]]] = {}
+    rest = {}
+    for key, (t, offsets) in boxes.items():
+        at = _run_in_stored_box(index.get(key, ()), offsets, tuple(t.shape))
+        if at is not None and t.dtype == torch.float32 and t.is_contiguous() and t.is_cpu:
+            direct.setdefault(at[0], []).append((at[1], t))
+        else:
+            rest[key] = (t, offsets)
+    for path, reads in direct.items():
+        with open(path, "rb", buffering=0) as f:
+            for start, t in sorted(reads, key=lambda r: r[0]):
+                f.seek(start)
+                view = memoryview(t.detach().numpy()).cast("B")
+                if f.readinto(view) != len(view):
+                    raise OSError(f"{path} ends before the bytes of a tensor its header lists")
+    if rest:
+        with warnings.catch_warnings():  # DCP warns that it runs without a process group
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=r".*torch.distributed is disabled, unavailable")
+            dcp.load({k: t for k, (t, _) in rest.items()},
+                     storage_reader=HuggingFaceStorageReader(str(state_dir)),
+                     planner=BoxLoadPlanner({k: o for k, (_, o) in rest.items()}),
+                     no_dist=True)
+
+
+class StoredBox(NamedTuple):
+    """Where one box of a tensor is in a state directory: file, byte offset of its data."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    path: Path
+    start: int
+    dtype: str
+
+
+MAX_HEADER_BYTES = 100 << 20
+
+
+def read_index(state_dir: Path) -> dict[str, list[StoredBox]]:
+    """The stored boxes of every tensor of a state directory, from the safetensors headers:
+    {key: [StoredBox, ...]}. A header that is not what write_boxes writes is refused by name."""
+    index: dict[str, list[StoredBox]] = {}
+    for path in sorted(Path(state_dir).glob("*.safetensors")):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"{path}: not a safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+        meta = json.loads(header.pop("__metadata__", {}).get(CUSTOM_METADATA_KEY, "{}"))
+        for key, entry in header.items():
+            shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
+            width = {"F32": 4, "F64": 8, "BF16": 2, "F16": 2}.get(entry["dtype"], 0)
+            if end - begin != math.prod(shape) * width or not 8 + n + end <= size:
+                raise ValueError(f"{path}: the header's entry for {key} does not fit the file")
+            offsets = tuple(meta.get(key, {}).get(SAVED_OFFSETS_KEY, [0] * len(shape)))
+            index.setdefault(key, []).append(
+                StoredBox(offsets, shape, path, 8 + n + begin, entry["dtype"]))
+    return index
+
+
+def _run_in_stored_box(stored, offsets: tuple[int, ...], sizes: tuple[int, ...]):
+    """(file, byte offset) of the box [offsets, offsets + sizes) if it is one run of bytes
+    inside one stored fp32 box, else None."""
+    for box in stored:
+        if box.dtype != "F32" or len(box.sizes) != len(sizes):
+            continue
+        rel = [o - b for o, b in zip(offsets, box.offsets)]
+        if any(r < 0 or r + z > bz for r, z, bz in zip(rel, sizes, box.sizes)):
+            continue
+        start = sum(r * math.prod(box.sizes[i + 1:]) for i, r in enumerate(rel))
+        if box_of_range(box.sizes, start, start + math.prod(sizes)) == (tuple(rel), sizes):
+            return box.path, box.start + 4 * start
+    return None
