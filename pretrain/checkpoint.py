@@ -233,13 +233,12 @@ class CheckpointManager:
                           "save_seconds": time.time() - t0}
                 atomic_write_text(path / MARKER, json.dumps(marker))
                 fsync(self.dir)
+                self._prune()  # step is committed: older ones beyond keep_last may go
                 atomic_write_text(self.dir / "latest", tag_for(step))
             except Exception as e:
                 error = e
                 if not (path / MARKER).is_file():
                     shutil.rmtree(path, ignore_errors=True)
-            else:
-                self._prune()
         failures = self._agree(_describe(0, error) if self.rank == 0 else None)
         if failures:
             raise self._save_error(path, failures) from error
