@@ -90,6 +90,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _saved_grid(train_state: dict) -> dict:
+    return train_state.get("grid", {"tensor_parallel": 1,
+                                    "data_parallel": train_state["world_size"],
+                                    "zero_stage": train_state["zero_stage"]})
+
+
 def _shape(grid: dict) -> str:
     return (f"TP{grid['tensor_parallel']}xDP{grid['data_parallel']} "
             f"ZeRO-{grid['zero_stage']}")
@@ -265,23 +271,22 @@ class Trainer:
             raise ResumeError(f"cannot resume from {where}: the run changed:\n  "
                               + "\n  ".join(problems)
                               + "\nUse a new run.dir, or restore the settings above.")
-        saved = state.get("grid", {"tensor_parallel": 1, "data_parallel": state["world_size"],
-                                   "zero_stage": state["zero_stage"]})
-        # Per-rank RNG streams carry over only to the same grid (and are not in converted
-        # checkpoints); otherwise they restart from a seed derived from the step.
-        same_grid = (saved["tensor_parallel"], saved["data_parallel"]) == (
-            self.dims.tp, self.dims.dp) and self.ckpt.has_rng(latest)
+        saved = _saved_grid(state)
         if saved != self._grid() and self.env.is_main:
             print(f"[pretrain] resuming {where} on another shape: saved by "
                   f"{_shape(saved)}, loading into {_shape(self._grid())}", flush=True)
-        self._load(latest, same_grid)
+        self._load(latest)
         self.skipped_steps = state.get("skipped_steps", 0)
         self.resumed_from = latest
 
-    def _load(self, step: int, same_grid: bool) -> dict:
-        """Model, optimizer, scheduler, RNG (`same_grid`), loader position and counters of the
-        checkpoint of `step`."""
+    def _load(self, step: int) -> dict:
+        """Model, optimizer, scheduler, RNG, loader position and counters of the checkpoint of
+        `step`. Per-rank RNG streams carry over only to the same grid (and are not in converted
+        checkpoints); otherwise they restart from a seed derived from the step."""
         where = self.ckpt.dir / f"step-{step:08d}"
+        saved = _saved_grid(self.ckpt.read_train_state(step))
+        same_grid = (saved["tensor_parallel"], saved["data_parallel"]) == (
+            self.dims.tp, self.dims.dp) and self.ckpt.has_rng(step)
         try:
             state = self.ckpt.load(self.state_io, step, with_rng=same_grid)
         except (StateLoadError, CheckpointFormatError) as e:
@@ -508,7 +513,7 @@ class Trainer:
         batches.close()  # stops its DataLoader workers
         skipped = self.skipped_steps
         self.phase = f"the rollback to step {latest}"
-        self._load(latest, same_grid=self.ckpt.has_rng(latest))
+        self._load(latest)
         self.skipped_steps = skipped  # a count of events, not part of the rolled-back state
         if self.env.is_main:
             print(f"[pretrain] {streak} bad steps in a row: rolled back to the checkpoint of "
