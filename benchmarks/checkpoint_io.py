@@ -11,11 +11,13 @@ they have just written the same way (no cache dropping: both are equally warm in
 `--cold` evicts both sides' files with posix_fadvise before reading). GB/s is the checkpoint's
 bytes over the wall time of the slowest rank, between barriers.
 
-Stall: the time the training loop is blocked by a save. A synchronous save blocks for all of it;
-an asynchronous one (`checkpoint.async_save`) only for the snapshot of the state to host memory,
-then writes in a background thread while training goes on. Both are timed as the trainer calls
-them, right after an optimizer step; the async round then trains on until the write is done and
-reports how much slower those steps were (the background write shares the cores).
+Stall: the time the training loop is blocked by a save. A synchronous save blocks for all of it.
+An asynchronous one (`checkpoint.async_save`) blocks for the collective part of the save; the
+copy of the state into host memory and the write run in a background thread while training goes
+on, and the next optimizer step waits if the copy is not done yet (that wait counts as stall
+too). Both are timed as the trainer calls them, right after an optimizer step; the async round
+then trains on until the write is done and reports how much slower those steps were (the
+background copy and write share the cores).
 
 The contenders alternate in rounds and each keeps its best round (the machine is shared).
 
@@ -164,8 +166,8 @@ def worker(rank: int, port: int, args, out: str) -> None:
         results["step"].append(_slowest(min(baseline)))
         for background in ([False, True] if round_ % 2 == 0 else [True, False]):
             train_step()
+            held = state_io.held_seconds
             stall = _timed(lambda: save(background))
-            results["stall_async" if background else "stall_sync"].append(stall)
             if background:  # train on, as the loop does, until the write is done
                 t0, during = time.perf_counter(), []
                 while mgr._pending is not None:
@@ -173,6 +175,9 @@ def worker(rank: int, port: int, args, out: str) -> None:
                     mgr.poll()
                 results["background"].append(_slowest(time.perf_counter() - t0))
                 results["step_during"].append(_slowest(sum(during) / max(1, len(during))))
+                # the next optimizer step may have waited for the snapshot copy: a stall too
+                stall += _slowest(state_io.held_seconds - held)
+            results["stall_async" if background else "stall_sync"].append(stall)
     if rank == 0:
         Path(out).write_text(json.dumps({"bytes": nbytes, **results}))
     dist.barrier()

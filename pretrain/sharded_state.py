@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,6 +130,8 @@ class EngineState:
         self._linked = False
         self._writers: dict[int, tuple[int | None, bool]] | None = None
         self._staging: Tensor | None = None  # host memory of asynchronous snapshots, reused
+        self._hold = None  # the optimizer step pre-hook of the snapshot in progress
+        self.held_seconds = 0.0  # optimizer steps spent waiting for snapshot copies
 
     # ---- DeepSpeed's buffers ---------------------------------------------------------------
     def _pieces(self) -> dict[int, Piece]:
@@ -301,9 +305,10 @@ class EngineState:
             self._writers = plan
         return self._writers
 
-    def _boxes_to_save(self) -> dict[str, tuple[Tensor, tuple[int, ...]]]:
+    def _boxes_to_save(self, copy: bool) -> dict[str, tuple[Tensor, tuple[int, ...]]]:
         """{checkpoint key: (tensor shaped as its box, box offsets in the whole tensor)} that
-        this rank writes; views of DeepSpeed's buffers where possible. Collective (DP group)."""
+        this rank writes; views of DeepSpeed's buffers where possible (module buffers, which a
+        forward may change, are copied when `copy`). Collective (DP group)."""
         d = self.dims
         self._prepare_states()
         pieces = self._pieces()
@@ -317,7 +322,8 @@ class EngineState:
             whole_box = shifted(((0,) * len(shape), shape), dim, off)[0]
             if okey == "buffer":
                 if d.dp_rank == 0:
-                    boxes[key] = (t.detach().float(), whole_box)
+                    boxes[key] = (t.detach().float().clone() if copy else t.detach().float(),
+                                  whole_box)
                 continue
             owner, gather = plan[id(t)]
             piece = pieces[id(t)]
@@ -333,11 +339,8 @@ class EngineState:
                 boxes[key] = (piece.views[okey].view(sizes), shifted((offsets, sizes), dim, off)[0])
         return boxes
 
-    def _to_host(self, boxes: dict, copy: bool) -> dict:
-        """The boxes in host memory: copied into one reusable (pinned, on a GPU machine) buffer
-        when `copy` (a snapshot that training may not change) or when they are on a device."""
-        if not copy and all(t.device.type == "cpu" for t, _ in boxes.values()):
-            return boxes
+    def _to_host(self, boxes: dict) -> dict:
+        """The boxes copied into one reusable host buffer (pinned on a GPU machine)."""
         total = sum(t.numel() for t, _ in boxes.values())
         if self._staging is None or self._staging.numel() < total:
             self._staging = None  # free the old one first
@@ -356,21 +359,54 @@ class EngineState:
     # ---- DeepSpeed's checkpoint interface ----------------------------------------------------
     def prepare_save(self, save_dir, tag: str, *, copy: bool = True) -> Callable[[], None]:
         """The collective part of a save, on every rank at the same step: agree on the writers,
-        take this rank's boxes (copied to host memory when `copy`, so training may go on) and
-        the engine's counters. Returns write(), which writes them without any collective (safe
-        in a background thread; with copy=False, only before the next optimizer step)."""
+        gather the few parameters that need it, take the engine's counters. Returns write(),
+        which writes this rank's boxes without any collective.
+
+        copy=False: write() writes straight from DeepSpeed's buffers; call it before the next
+        optimizer step. copy=True (a background save): write() first copies the boxes into a
+        host buffer, then writes, and may run in a thread. The weights and Adam states change
+        only in the optimizer's step, so on the host the copy overlaps the next forward and
+        backward: a hook holds the next optimizer step until the copy is done (held_seconds
+        adds up that wait). From a GPU the copy to host memory is made here, before returning."""
         path = Path(save_dir) / tag
-        boxes = self._to_host(self._boxes_to_save(), copy)
+        boxes = self._boxes_to_save(copy)
         rank = dist.get_rank()
         engine_state = self._engine_state() if rank == 0 else None
+        staged = threading.Event()
+        on_host = all(t.device.type == "cpu" for t, _ in boxes.values())
+        if not on_host:  # from a GPU: into host memory now
+            boxes = self._to_host(boxes)
+        if copy and on_host:
+            self._hold_optimizer_until(staged)
+        else:
+            staged.set()
 
         def write() -> None:
+            nonlocal boxes
+            try:
+                if not staged.is_set():
+                    boxes = self._to_host(boxes)
+            finally:
+                staged.set()  # never leave the optimizer waiting
             if boxes:
                 write_boxes(path / STATE_DIR / f"rank-{rank:05d}.safetensors", boxes)
             if engine_state is not None:
                 atomic_write_text(path / ENGINE_STATE, json.dumps(engine_state, indent=2))
 
         return write
+
+    def _hold_optimizer_until(self, staged: threading.Event) -> None:
+        """Make the next optimizer step wait for `staged` (the snapshot copy)."""
+        if self._hold is not None:
+            self._hold.remove()
+
+        def wait_for_the_snapshot(optimizer, args, kwargs):
+            if not staged.is_set():
+                t0 = time.perf_counter()
+                staged.wait()
+                self.held_seconds += time.perf_counter() - t0
+
+        self._hold = self.torch_optimizer.register_step_pre_hook(wait_for_the_snapshot)
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=False) -> None:
         self.prepare_save(save_dir, tag, copy=False)()

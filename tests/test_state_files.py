@@ -83,7 +83,7 @@ def test_boxes_written_by_several_ranks_read_back_as_any_box(tmp_path):
 
 
 ZERO_PIECES = textwrap.dedent("""
-    import json, os, sys
+    import json, os, sys, threading
     import deepspeed, torch, torch.distributed as dist
     from pretrain.parallel.dims import ParallelDims
     from pretrain.sharded_state import EngineState, name_parameters, read_whole
@@ -124,9 +124,11 @@ ZERO_PIECES = textwrap.dedent("""
         step(engine)
         snapshots[stage] = state(io)
         write = io.prepare_save(out, f"zero{stage}", copy=True)
-        step(engine)  # training changes DeepSpeed's buffers after the snapshot...
+        writer = threading.Timer(0.5, write)  # a background save's thread, starting late
+        writer.start()
+        step(engine)  # the optimizer step waits for the snapshot copy, then changes the state
         step(engine)
-        write()  # ...and the write, after them, still holds the snapshot
+        writer.join()  # the files hold the state of the snapshot
         dist.barrier()
         changed = state(io)
         io.load_checkpoint(out, f"zero{stage}")
@@ -139,6 +141,7 @@ ZERO_PIECES = textwrap.dedent("""
             "own": sorted(p.ckpt_name for p in io.params if io._writers[id(p)][0] is None),
             "training_changed_it": any(not torch.equal(changed[k], v)
                                        for k, v in snapshots[stage].items()),
+            "optimizer_waited_for_the_copy": io.held_seconds > 0.2,
             "load_restores_the_snapshot": all(torch.equal(loaded[k], v)
                                               for k, v in snapshots[stage].items()),
             "files_hold_the_snapshot": all(torch.equal(whole[k], v) for k, v in names.items()),
@@ -172,7 +175,7 @@ def test_zero_pieces_save_a_snapshot_and_load_back_under_every_stage(tmp_path):
     for stage in ("1", "3"):
         r = report[stage]
         assert r["training_changed_it"] and r["load_restores_the_snapshot"], (stage, r)
-        assert r["weights_are_the_masters"], (stage, r)
+        assert r["weights_are_the_masters"] and r["optimizer_waited_for_the_copy"], (stage, r)
         assert r["files_hold_the_snapshot"], (stage, r)
         # both ways of writing ran: pieces that are boxes, and gathered ones that are not
         assert r["own"] and "0.weight" in r["gathered"], (stage, r)
