@@ -83,7 +83,7 @@ def reference(cluster, tiny_data, tmp_path_factory):
 def test_two_node_cpu_job_trains_and_its_loss_falls(reference):
     log = reference["log"].read_text()
     assert reference["info"]["JobState"] == "COMPLETED", log[-3000:]
-    assert "2 node(s) x 1 rank(s)" in log and "world 2 (dp 2)" in log
+    assert "2 node(s) x 1 rank(s)" in log and "world 2 (tp 1 x dp 2)" in log
     assert "training finished at step 300" in log
     losses = train_losses(reference["run_dir"])
     assert len(losses) == STEPS
@@ -207,7 +207,7 @@ def test_two_node_checkpoint_resumes_as_one_node_job_under_accelerate(cluster, r
     info = cluster.wait(job)
     log = job_log(proc.stdout).read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:] + cluster.diagnostics(job)
-    assert "resumed from step 200" in log and "world 2 (dp 2)" in log
+    assert "resumed from step 200" in log and "world 2 (tp 1 x dp 2)" in log
     acc = yaml.safe_load((run_dir / "slurm" / "accelerate_config.yaml").read_text())
     assert acc["num_machines"] == 1 and acc["num_processes"] == 2
     expected, got = losses_by_step(reference["run_dir"]), losses_by_step(run_dir)
