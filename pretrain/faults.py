@@ -122,12 +122,25 @@ class SlowSave:
 
     def save_checkpoint(self, save_dir, tag, *args, **kwargs):
         out = self.inner.save_checkpoint(save_dir, tag, *args, **kwargs)
+        self._pause(tag)
+        return out
+
+    def prepare_save(self, save_dir, tag, **kwargs):
+        """The path CheckpointManager takes (foreground and asynchronous saves): the pause
+        follows the write, before the manager's COMPLETE."""
+        write = self.inner.prepare_save(save_dir, tag, **kwargs)
+
+        def write_then_pause() -> None:
+            write()
+            self._pause(tag)
+        return write_then_pause
+
+    def _pause(self, tag) -> None:
         delay = self.faults.save_delay(int(str(tag).rsplit("-", 1)[-1]))
         if delay:
             print(f"[pretrain] fault injection: save of {tag} pauses {delay:.1f} s before "
                   "COMPLETE", flush=True)
             time.sleep(delay)
-        return out
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
