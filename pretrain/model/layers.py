@@ -205,42 +205,24 @@ class FeedForward(nn.Module):
     def forward(self, x_BTD: Tensor) -> Tensor:
         return run_in_chunks(self._mlp, x_BTD, self.chunk_size)
 
+    def _hidden(self, x_BTD: Tensor) -> Tensor:
+        return activate(self.c_fc(x_BTD), self.activation)  # [B, T, F]
+
     def _mlp(self, x_BTD: Tensor) -> Tensor:
-        h_BTF = activate(self.c_fc(x_BTD), self.activation)
-        return self.dropout(self.c_proj(h_BTF))
+        return self.dropout(self.c_proj(self._hidden(x_BTD)))
 
 
-class GatedFeedForward(nn.Module):
+class GatedFeedForward(FeedForward):
     """Gated MLP (Shazeer 2020, "GLU Variants"): c_proj(act(c_gate(x)) * c_fc(x)) then dropout.
     With gelu_tanh this is T5 v1.1's gated-GELU (HF wi_0 = c_gate, wi_1 = c_fc, wo = c_proj).
     chunk_size: see `run_in_chunks`."""
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        *,
-        bias: bool = True,
-        dropout: float = 0.0,
-        activation: Activation = "gelu_tanh",
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__()
-        _check_activation(activation)
-        _check_chunk_size(chunk_size)
-        self.activation = activation
-        self.chunk_size = chunk_size
+    def __init__(self, d_model: int, d_ff: int, *, bias: bool = True, **kwargs) -> None:
+        super().__init__(d_model, d_ff, bias=bias, **kwargs)
         self.c_gate = nn.Linear(d_model, d_ff, bias=bias)
-        self.c_fc = nn.Linear(d_model, d_ff, bias=bias)
-        self.c_proj = nn.Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x_BTD: Tensor) -> Tensor:
-        return run_in_chunks(self._mlp, x_BTD, self.chunk_size)
-
-    def _mlp(self, x_BTD: Tensor) -> Tensor:
-        h_BTF = activate(self.c_gate(x_BTD), self.activation) * self.c_fc(x_BTD)
-        return self.dropout(self.c_proj(h_BTF))
+    def _hidden(self, x_BTD: Tensor) -> Tensor:
+        return activate(self.c_gate(x_BTD), self.activation) * self.c_fc(x_BTD)  # [B, T, F]
 
 
 def build_feed_forward(cfg) -> FeedForward | GatedFeedForward:

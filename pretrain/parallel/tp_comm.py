@@ -72,75 +72,39 @@ def _own_seq_chunk(x: Tensor, group) -> Tensor:
     return x.chunk(n, dim=SEQ_DIM)[dist.get_rank(group)].contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+def _identity(x: Tensor, group) -> Tensor:
+    return x
 
 
-class _ReduceFromTP(torch.autograd.Function):
+class _Collective(torch.autograd.Function):
+    """`forward(x, group)` in the forward pass, `backward(grad, group)` in the backward: every
+    tensor-parallel region below is one such pair of conjugate collectives."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
+    def forward(ctx, x, group, forward, backward):
+        ctx.group, ctx.backward = group, backward
+        return forward(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _own_seq_chunk(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
+        return ctx.backward(grad, ctx.group), None, None, None
 
 
 def copy_to_tp(x: Tensor, group) -> Tensor:
-    return x if group is None else _CopyToTP.apply(x, group)
+    return x if group is None else _Collective.apply(x, group, _identity, _all_reduce)
 
 
 def reduce_from_tp(x: Tensor, group) -> Tensor:
-    return x if group is None else _ReduceFromTP.apply(x, group)
+    return x if group is None else _Collective.apply(x, group, _all_reduce, _identity)
 
 
 def gather_seq(x: Tensor, group) -> Tensor:
-    return x if group is None else _GatherSeq.apply(x, group)
+    return x if group is None else _Collective.apply(x, group, _all_gather_seq, _reduce_scatter_seq)
 
 
 def reduce_scatter_seq(x: Tensor, group) -> Tensor:
-    return x if group is None else _ReduceScatterSeq.apply(x, group)
+    return x if group is None else _Collective.apply(x, group, _reduce_scatter_seq, _all_gather_seq)
 
 
 def scatter_seq(x: Tensor, group) -> Tensor:
-    return x if group is None else _ScatterSeq.apply(x, group)
+    return x if group is None else _Collective.apply(x, group, _own_seq_chunk, _all_gather_seq)
