@@ -32,7 +32,7 @@ SMOKE = {
     "planner_memory.py": ["--tiny"],
     "gpu_mfu.py": ["--tiny"],
     "tp_zero_memory.py": ["--d-model", "64", "--heads", "4", "--layers", "1", "--vocab", "512",
-                          "--dp", "1", "--tp", "1", "2", "--zero", "0", "--steps", "2"],
+                          "--dp", "1", "--tp", "2", "--zero", "1", "--steps", "2", "--accum", "1"],
 }
 
 
