@@ -50,7 +50,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from data_pipeline.format import atomic_write_text
-from pretrain.state_files import box_of_range, read_boxes, rows_around, shifted, write_boxes
+from pretrain.state_files import (
+    box_of_range, read_boxes, read_index, rows_around, shifted, whole_shapes, write_boxes,
+)
 
 STATE_DIR = "state"
 ENGINE_STATE = "engine_state.json"
@@ -221,7 +223,7 @@ class EngineState:
             opt._hp_optimizer_states_linked = True
         self._linked = True
 
-    def _push_master_weights(self, state_dir: Path) -> None:
+    def _push_master_weights(self, state_dir: Path, index: dict) -> None:
         """After the fp32 masters were loaded, set the weights forward uses. ZeRO-1/2 (and
         DeepSpeed's bf16 optimizer) keep those whole on every rank: each rank reads them from
         the checkpoint, much cheaper than DeepSpeed's update_lp_params (which casts this rank's
@@ -238,7 +240,7 @@ class EngineState:
                 else:
                     boxes[f"model.{p.ckpt_name}"] = (torch.empty(shape), box)
                     casts.append(p)
-            read_boxes(state_dir, boxes)
+            read_boxes(state_dir, boxes, index)
             for p in casts:
                 p.data.copy_(boxes[f"model.{p.ckpt_name}"][0])
             return
@@ -432,10 +434,11 @@ class EngineState:
                     "became shape-independent; resume it with the version that wrote it")
             return None, None
         engine_state = read_engine_state(path / ENGINE_STATE)
-        self._check_shapes(path / STATE_DIR)
+        index = read_index(path / STATE_DIR)
+        self._check_shapes(path / STATE_DIR, whole_shapes(index))
         self._prepare_states()
-        self._read_state(path / STATE_DIR)
-        self._push_master_weights(path / STATE_DIR)
+        self._read_state(path / STATE_DIR, index)
+        self._push_master_weights(path / STATE_DIR, index)
         self._set_optimizer_step(engine_state["optimizer_step"])
         if load_lr_scheduler_states:
             self.engine.lr_scheduler.load_state_dict(engine_state["scheduler"])
@@ -449,7 +452,7 @@ class EngineState:
                 setattr(scaler, k, v)
         return str(path), engine_state
 
-    def _read_state(self, state_dir: Path) -> None:
+    def _read_state(self, state_dir: Path, index: dict) -> None:
         """Read this rank's piece of every tensor, into DeepSpeed's buffers where it is a box
         of host memory, else through a temporary box of whole rows around it."""
         pieces = self._pieces()
@@ -475,15 +478,14 @@ class EngineState:
             tmp = torch.empty(box[1], dtype=torch.float32)
             boxes[key] = (tmp, shifted(box, dim, off)[0])
             copies.append((view, tmp, at))
-        read_boxes(state_dir, boxes)
+        read_boxes(state_dir, boxes, index)
         for dest, tmp, at in copies:
             dest.detach().copy_(tmp.view(-1)[at: at + dest.numel()])
         for piece in pieces.values():
             if piece.write_back is not None:
                 piece.write_back()
 
-    def _check_shapes(self, state_dir: Path) -> None:
-        saved = read_saved_shapes(state_dir)
+    def _check_shapes(self, state_dir: Path, saved: dict[str, tuple[int, ...]]) -> None:
         problems = []
         for key, t, _ in self._entries():
             want = tuple(whole_shape(t, _local_shape(t), self.dims.tp))
