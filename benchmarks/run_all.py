@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["train_throughput.py", "data_prep.py", "loader_throughput.py", "resume_seek.py",
-           "long_attention.py", "gpu_mfu.py"]
+           "long_attention.py", "checkpoint_io.py", "gpu_mfu.py"]
 
 
 def main() -> int:

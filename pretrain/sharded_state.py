@@ -392,8 +392,8 @@ class EngineState:
                 staged.set()  # never leave the optimizer waiting
             if boxes:
                 write_boxes(path / STATE_DIR / f"rank-{rank:05d}.safetensors", boxes)
-            if engine_state is not None:
-                atomic_write_text(path / ENGINE_STATE, json.dumps(engine_state, indent=2))
+            if engine_state is not None:  # CheckpointManager fsyncs it with the other files
+                (path / ENGINE_STATE).write_text(json.dumps(engine_state, indent=2))
 
         return write
 

@@ -29,6 +29,7 @@ SMOKE = {
     "resume_seek.py": ["--gb", "0.01", "--rounds", "1"],
     "long_attention.py": ["--lengths", "256", "--repeats", "1", "--impls", "dense", "longformer"],
     "gpu_mfu.py": ["--tiny"],
+    "checkpoint_io.py": ["--tiny"],
 }
 
 
