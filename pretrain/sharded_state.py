@@ -130,6 +130,7 @@ class EngineState:
         self.buffers = sorted((b for b in engine.module.buffers() if hasattr(b, "ckpt_name")),
                               key=lambda b: b.ckpt_name)
         self._linked = False
+        self._cached_pieces: dict[int, Piece] | None = None
         self._writers: dict[int, tuple[int | None, bool]] | None = None
         self._staging: Tensor | None = None  # host memory of asynchronous snapshots, reused
         self._hold = None  # the optimizer step pre-hook of the snapshot in progress
@@ -137,9 +138,19 @@ class EngineState:
 
     # ---- DeepSpeed's buffers ---------------------------------------------------------------
     def _pieces(self) -> dict[int, Piece]:
-        """This rank's Piece of every parameter, by id."""
+        """This rank's Piece of every parameter, by id. Views of DeepSpeed's buffers stay
+        valid (it keeps them for the whole run), so they are found once."""
+        if self._cached_pieces is not None:
+            return self._cached_pieces
+        pieces = self._find_pieces()
+        if all(piece.write_back is None for piece in pieces.values()):  # not copies
+            self._cached_pieces = pieces
+        return pieces
+
+    def _find_pieces(self) -> dict[int, Piece]:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
+        self._prepare_states()  # the views of Adam's states exist only once linked
         out = {}
         for p in self.params:
             n = math.prod(_local_shape(p))
@@ -223,17 +234,21 @@ class EngineState:
             opt._hp_optimizer_states_linked = True
         self._linked = True
 
-    def _push_master_weights(self, state_dir: Path, index: dict) -> None:
+    def _push_master_weights(self, state_dir: Path, index: dict, pieces: dict) -> None:
         """After the fp32 masters were loaded, set the weights forward uses. ZeRO-1/2 (and
-        DeepSpeed's bf16 optimizer) keep those whole on every rank: each rank reads them from
-        the checkpoint, much cheaper than DeepSpeed's update_lp_params (which casts this rank's
-        masters and all-gathers the weights over the data-parallel group) and equal to it, as
-        the file holds the masters those weights are cast from. ZeRO-3 casts its partition."""
+        DeepSpeed's bf16 optimizer) keep those whole on every rank: a rank casts the masters it
+        holds whole and reads the other parameters from the checkpoint, much cheaper than
+        DeepSpeed's update_lp_params (which all-gathers every weight over the data-parallel
+        group) and equal to it: the file holds the masters those weights are cast from. ZeRO-3
+        casts its partition."""
         opt = self.optimizer
         if hasattr(opt, "update_lp_params") and not hasattr(opt, "fp32_partitioned_groups_flat"):
             boxes, casts = {}, []
             for p in self.params:
-                shape = tuple(p.shape)
+                shape, piece = tuple(p.shape), pieces[id(p)]
+                if (piece.start, piece.stop) == (0, math.prod(shape)):
+                    p.data.view(-1).copy_(piece.views[None])
+                    continue
                 box = shifted(((0,) * len(shape), shape), *self._tp_place(p))[0]
                 if p.dtype == torch.float32 and p.is_cpu:
                     boxes[f"model.{p.ckpt_name}"] = (p.data, box)
@@ -437,8 +452,9 @@ class EngineState:
         index = read_index(path / STATE_DIR)
         self._check_shapes(path / STATE_DIR, whole_shapes(index))
         self._prepare_states()
-        self._read_state(path / STATE_DIR, index)
-        self._push_master_weights(path / STATE_DIR, index)
+        pieces = self._pieces()
+        self._read_state(path / STATE_DIR, index, pieces)
+        self._push_master_weights(path / STATE_DIR, index, pieces)
         self._set_optimizer_step(engine_state["optimizer_step"])
         if load_lr_scheduler_states:
             self.engine.lr_scheduler.load_state_dict(engine_state["scheduler"])
@@ -452,10 +468,9 @@ class EngineState:
                 setattr(scaler, k, v)
         return str(path), engine_state
 
-    def _read_state(self, state_dir: Path, index: dict) -> None:
+    def _read_state(self, state_dir: Path, index: dict, pieces: dict) -> None:
         """Read this rank's piece of every tensor, into DeepSpeed's buffers where it is a box
         of host memory, else through a temporary box of whole rows around it."""
-        pieces = self._pieces()
         boxes, copies = {}, []
         for key, t, okey in self._entries():
             shape = tuple(_local_shape(t))

@@ -232,6 +232,9 @@ def _runs(stored, offsets: tuple[int, ...], sizes: tuple[int, ...]):
     """How to read the box [offsets, offsets + sizes) as runs of bytes: [(file, byte offset,
     element offset in the box, elements)], or None if some part of it is not one run in both
     the stored box it comes from and the wanted box (or not stored as fp32)."""
+    for box in stored:  # the common case (same grid): the wanted box is a stored one
+        if box.offsets == offsets and box.sizes == sizes and box.dtype == "F32":
+            return [(box.path, box.start, 0, math.prod(sizes))]
     runs, covered = [], 0
     for box in stored:
         if len(box.sizes) != len(sizes):
