@@ -5,8 +5,9 @@ Real processes (gloo, CPU), one per rank: a GPT of a few hundred MB of fp32 stat
 Adam's two moments) under DeepSpeed ZeRO 1, 2 and 3, trained one step so every state exists. Our
 side is the trainer's path: `CheckpointManager.save` / `.load` over `sharded_state.EngineState`
 (marker, `latest`, train state, RNG and all). The baseline, in the same processes on the same
-disk: every rank writes a file of (checkpoint bytes / ranks) with one sequential write and an
-fsync, as our writer fsyncs, then reads it back into a preallocated buffer. Both sides read files
+disk: every rank writes a new file of (checkpoint bytes / ranks) with one sequential write and an
+fsync, as our writer fsyncs, and deletes its previous one (as keep_last=1 deletes the previous
+checkpoint), then reads it back into a preallocated buffer. Both sides read files
 they have just written the same way (no cache dropping: both are equally warm in the page cache;
 `--cold` evicts both sides' files with posix_fadvise before reading). GB/s is the checkpoint's
 bytes over the wall time of the slowest rank, between barriers.
@@ -22,7 +23,7 @@ background copy and write share the cores).
 The contenders alternate in rounds and each keeps its best round (the machine is shared).
 
     python benchmarks/checkpoint_io.py                        # d=512, 6 layers: ~280 MB
-    python benchmarks/checkpoint_io.py --zero 2 --rounds 1 --d-model 128 --layers 2   # smoke
+    python benchmarks/checkpoint_io.py --tiny               # smoke: seconds
 
 The last line is the worst of save/plain and load/plain.
 """
@@ -124,7 +125,7 @@ def worker(rank: int, port: int, args, out: str) -> None:
     state_io = EngineState(engine, dims)
     run_dir = Path(args.dir) / "run"
     mgr = CheckpointManager(run_dir, keep_last=1, rank=rank, world_size=WORLD)
-    plain = Path(args.dir) / f"plain-rank{rank}.bin"
+    plain = Path(args.dir) / f"plain-rank{rank}.a"
     step = 0
     results: dict[str, list[float]] = {k: [] for k in (
         "save", "write", "load", "read", "stall_sync", "stall_async", "background", "step",
@@ -150,9 +151,10 @@ def worker(rank: int, port: int, args, out: str) -> None:
         for side in order:
             if side == "ours":
                 results["save"].append(_timed(lambda: save(False)))
-            else:
-                plain.unlink(missing_ok=True)  # a new file, as a checkpoint's are
-                results["write"].append(_timed(lambda: plain_write(plain, share)))
+            else:  # a new file, then the previous one deleted: as keep_last=1 rotates ours
+                previous, plain = plain, plain.with_suffix(".b" if plain.suffix == ".a" else ".a")
+                results["write"].append(_timed(lambda: (plain_write(plain, share),
+                                                        previous.unlink(missing_ok=True))))
         if args.cold:
             _evict([p for p in mgr.dir.rglob("*") if p.is_file()] + [plain])
         for side in order:
@@ -208,7 +210,12 @@ def main() -> None:
                     help="evict both sides' files from the page cache before reading")
     ap.add_argument("--dir", default=None,
                     help="where to write (default: a temporary directory, removed afterwards)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="smoke run: a tiny model, ZeRO-2 only, one round")
     args = ap.parse_args()
+    if args.tiny:
+        args.d_model, args.layers, args.heads, args.vocab, args.seq = 64, 1, 4, 512, 16
+        args.zero, args.rounds = [2], 1
     keep = args.dir is not None
     args.dir = str(Path(args.dir or tempfile.mkdtemp(prefix="bench-ckpt-")).resolve())
     Path(args.dir).mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["train_throughput.py", "data_prep.py", "loader_throughput.py", "shard_checks.py",
            "resume_seek.py", "long_attention.py", "tp_zero_memory.py", "planner_memory.py",
-           "gpu_mfu.py"]
+           "checkpoint_io.py", "gpu_mfu.py"]
 
 
 def main() -> int:

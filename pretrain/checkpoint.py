@@ -15,8 +15,10 @@ Layout under <run.dir>/checkpoints/:
 
 A save: every rank takes its part of the state (the collective part, EngineState.prepare_save)
 and writes it; then the ranks agree that every one of them wrote everything (an all-gather of
-each rank's error, or none). Only then rank 0 writes COMPLETE, moves `latest` (temp file +
-rename) and prunes old checkpoints; a second agreement tells every rank the commit happened.
+each rank's error, or none); every file and directory of the step is fsynced by then. Only then
+rank 0 writes COMPLETE (fsynced, with its directory), prunes checkpoints beyond keep_last and
+moves `latest` (temp file + rename, not fsynced: it only informs); a second agreement tells
+every rank the commit happened.
 Resume picks the highest step that has COMPLETE, so a crash during a save, or a stale `latest`,
 never selects a partial checkpoint. Rank 0 removes directories without the marker when a run
 starts (before it resumes), when a save failed (after all ranks agreed it did, which also frees
@@ -214,12 +216,17 @@ class CheckpointManager:
             write()
             # Ranks that hold no DeepSpeed shard (ZeRO-0, rank > 0) do not create the directory.
             path.mkdir(parents=True, exist_ok=True)
-            torch.save(rng, path / f"rng-rank{self.rank:05d}.pt")
+            mine = [path / f"rng-rank{self.rank:05d}.pt"]
+            torch.save(rng, mine[0])
             if self.rank == 0:
-                atomic_write_text(path / TRAIN_STATE, json.dumps(train_state, indent=2))
-                atomic_write_text(path / "config.yaml", config_yaml)
-            for d in [p for p in path.rglob("*") if p.is_dir()] + [path]:
-                fsync(d)  # the directory entries too: COMPLETE must not outlive its files
+                (path / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
+                (path / "config.yaml").write_text(config_yaml)
+                mine += [path / TRAIN_STATE, path / "config.yaml", path / "engine_state.json"]
+            # Everything on the disk before COMPLETE can be: the files written without an fsync
+            # each (the first fsync below commits them all to the journal), and the directories.
+            for p in [*mine, *(p for p in path.rglob("*") if p.is_dir()), path]:
+                if p.exists():
+                    fsync(p)
         except Exception as e:
             error = e
         failures = self._agree(_describe(self.rank, error))
@@ -232,9 +239,9 @@ class CheckpointManager:
                 marker = {"step": step, "world_size": self.world_size, "time": time.time(),
                           "save_seconds": time.time() - t0}
                 atomic_write_text(path / MARKER, json.dumps(marker))
-                fsync(self.dir)
+                fsync(self.dir)  # COMPLETE is on the disk before older checkpoints are pruned
                 self._prune()  # step is committed: older ones beyond keep_last may go
-                atomic_write_text(self.dir / "latest", tag_for(step))
+                _replace_text(self.dir / "latest", tag_for(step))
             except Exception as e:
                 error = e
                 if not (path / MARKER).is_file():
@@ -342,6 +349,14 @@ class CheckpointManager:
             restore_rng(load_rng(rng_file))
         self._ours.add(step)
         return state
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write-and-rename without fsync, for `latest`: a reader sees the old or the new text; it
+    only informs (resume takes the newest COMPLETE), so a crash may leave it one save behind."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load_rng(path: Path) -> dict:

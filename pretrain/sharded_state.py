@@ -50,7 +50,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from data_pipeline.format import atomic_write_text
-from pretrain.state_files import box_of_range, read_boxes, rows_around, shifted, write_boxes
+from pretrain.state_files import (
+    box_of_range, read_boxes, read_index, rows_around, shifted, whole_shapes, write_boxes,
+)
 
 STATE_DIR = "state"
 ENGINE_STATE = "engine_state.json"
@@ -128,6 +130,7 @@ class EngineState:
         self.buffers = sorted((b for b in engine.module.buffers() if hasattr(b, "ckpt_name")),
                               key=lambda b: b.ckpt_name)
         self._linked = False
+        self._cached_pieces: dict[int, Piece] | None = None
         self._writers: dict[int, tuple[int | None, bool]] | None = None
         self._staging: Tensor | None = None  # host memory of asynchronous snapshots, reused
         self._hold = None  # the optimizer step pre-hook of the snapshot in progress
@@ -135,9 +138,19 @@ class EngineState:
 
     # ---- DeepSpeed's buffers ---------------------------------------------------------------
     def _pieces(self) -> dict[int, Piece]:
-        """This rank's Piece of every parameter, by id."""
+        """This rank's Piece of every parameter, by id. Views of DeepSpeed's buffers stay
+        valid (it keeps them for the whole run), so they are found once."""
+        if self._cached_pieces is not None:
+            return self._cached_pieces
+        pieces = self._find_pieces()
+        if all(piece.write_back is None for piece in pieces.values()):  # not copies
+            self._cached_pieces = pieces
+        return pieces
+
+    def _find_pieces(self) -> dict[int, Piece]:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
+        self._prepare_states()  # the views of Adam's states exist only once linked
         out = {}
         for p in self.params:
             n = math.prod(_local_shape(p))
@@ -221,24 +234,28 @@ class EngineState:
             opt._hp_optimizer_states_linked = True
         self._linked = True
 
-    def _push_master_weights(self, state_dir: Path) -> None:
+    def _push_master_weights(self, state_dir: Path, index: dict, pieces: dict) -> None:
         """After the fp32 masters were loaded, set the weights forward uses. ZeRO-1/2 (and
-        DeepSpeed's bf16 optimizer) keep those whole on every rank: each rank reads them from
-        the checkpoint, much cheaper than DeepSpeed's update_lp_params (which casts this rank's
-        masters and all-gathers the weights over the data-parallel group) and equal to it, as
-        the file holds the masters those weights are cast from. ZeRO-3 casts its partition."""
+        DeepSpeed's bf16 optimizer) keep those whole on every rank: a rank casts the masters it
+        holds whole and reads the other parameters from the checkpoint, much cheaper than
+        DeepSpeed's update_lp_params (which all-gathers every weight over the data-parallel
+        group) and equal to it: the file holds the masters those weights are cast from. ZeRO-3
+        casts its partition."""
         opt = self.optimizer
         if hasattr(opt, "update_lp_params") and not hasattr(opt, "fp32_partitioned_groups_flat"):
             boxes, casts = {}, []
             for p in self.params:
-                shape = tuple(p.shape)
+                shape, piece = tuple(p.shape), pieces[id(p)]
+                if (piece.start, piece.stop) == (0, math.prod(shape)):
+                    p.data.view(-1).copy_(piece.views[None])
+                    continue
                 box = shifted(((0,) * len(shape), shape), *self._tp_place(p))[0]
                 if p.dtype == torch.float32 and p.is_cpu:
                     boxes[f"model.{p.ckpt_name}"] = (p.data, box)
                 else:
                     boxes[f"model.{p.ckpt_name}"] = (torch.empty(shape), box)
                     casts.append(p)
-            read_boxes(state_dir, boxes)
+            read_boxes(state_dir, boxes, index)
             for p in casts:
                 p.data.copy_(boxes[f"model.{p.ckpt_name}"][0])
             return
@@ -390,8 +407,8 @@ class EngineState:
                 staged.set()  # never leave the optimizer waiting
             if boxes:
                 write_boxes(path / STATE_DIR / f"rank-{rank:05d}.safetensors", boxes)
-            if engine_state is not None:
-                atomic_write_text(path / ENGINE_STATE, json.dumps(engine_state, indent=2))
+            if engine_state is not None:  # CheckpointManager fsyncs it with the other files
+                (path / ENGINE_STATE).write_text(json.dumps(engine_state, indent=2))
 
         return write
 
@@ -432,10 +449,12 @@ class EngineState:
                     "became shape-independent; resume it with the version that wrote it")
             return None, None
         engine_state = read_engine_state(path / ENGINE_STATE)
-        self._check_shapes(path / STATE_DIR)
+        index = read_index(path / STATE_DIR)
+        self._check_shapes(path / STATE_DIR, whole_shapes(index))
         self._prepare_states()
-        self._read_state(path / STATE_DIR)
-        self._push_master_weights(path / STATE_DIR)
+        pieces = self._pieces()
+        self._read_state(path / STATE_DIR, index, pieces)
+        self._push_master_weights(path / STATE_DIR, index, pieces)
         self._set_optimizer_step(engine_state["optimizer_step"])
         if load_lr_scheduler_states:
             self.engine.lr_scheduler.load_state_dict(engine_state["scheduler"])
@@ -449,10 +468,9 @@ class EngineState:
                 setattr(scaler, k, v)
         return str(path), engine_state
 
-    def _read_state(self, state_dir: Path) -> None:
+    def _read_state(self, state_dir: Path, index: dict, pieces: dict) -> None:
         """Read this rank's piece of every tensor, into DeepSpeed's buffers where it is a box
         of host memory, else through a temporary box of whole rows around it."""
-        pieces = self._pieces()
         boxes, copies = {}, []
         for key, t, okey in self._entries():
             shape = tuple(_local_shape(t))
@@ -475,15 +493,14 @@ class EngineState:
             tmp = torch.empty(box[1], dtype=torch.float32)
             boxes[key] = (tmp, shifted(box, dim, off)[0])
             copies.append((view, tmp, at))
-        read_boxes(state_dir, boxes)
+        read_boxes(state_dir, boxes, index)
         for dest, tmp, at in copies:
             dest.detach().copy_(tmp.view(-1)[at: at + dest.numel()])
         for piece in pieces.values():
             if piece.write_back is not None:
                 piece.write_back()
 
-    def _check_shapes(self, state_dir: Path) -> None:
-        saved = read_saved_shapes(state_dir)
+    def _check_shapes(self, state_dir: Path, saved: dict[str, tuple[int, ...]]) -> None:
         problems = []
         for key, t, _ in self._entries():
             want = tuple(whole_shape(t, _local_shape(t), self.dims.tp))

@@ -33,6 +33,7 @@ SMOKE = {
     "gpu_mfu.py": ["--tiny"],
     "tp_zero_memory.py": ["--d-model", "64", "--heads", "4", "--layers", "1", "--vocab", "512",
                           "--dp", "1", "--tp", "2", "--zero", "1", "--steps", "2", "--accum", "1"],
+    "checkpoint_io.py": ["--tiny"],
 }
 
 

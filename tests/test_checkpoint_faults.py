@@ -104,19 +104,19 @@ def test_sigkill_during_async_saves_resumes_from_the_previous_checkpoint(tiny_da
     partial = ckpts / "step-00000006"
     assert (partial / "train_state.json").is_file() and not (partial / MARKER).exists()
 
-    # 3. restart: resumes from 4; rank 0 dies at 8 after COMPLETE, while moving `latest`
-    proc = train(args, kill="0:checkpoints/.latest.tmp@2")  # the 2nd: at step 8, not 6
+    # 3. restart: resumes from 4; rank 0 dies at 8 after COMPLETE, before moving `latest`
+    proc = train(args, kill="0:/checkpoints$@2")  # its 2nd commit (step 8, not 6)
     assert proc.returncode != 0
     assert "resumed from step 4" in proc.stdout
     assert "removed incomplete checkpoint(s) step-00000006" in proc.stdout
     assert (ckpts / "latest").read_text() == "step-00000006"  # stale: it names an older step
-    assert mgr.complete_steps() == [6, 8]
+    assert mgr.complete_steps() == [4, 6, 8]  # killed before pruning step 4 (keep_last=2)
 
     # 4. restart: the complete step 8 is chosen, not what the stale pointer names: nothing is
     #    replayed or overwritten, the run is over
     proc = train(args)
     assert "resumed from step 8" in proc.stdout and "removed incomplete" not in proc.stdout
-    assert dirs(ckpts) == ["step-00000006", "step-00000008"]
+    assert dirs(ckpts) == ["step-00000004", "step-00000006", "step-00000008"]
     assert_replays_match(run, 8)
 
 

@@ -18,7 +18,7 @@ from conftest import ROOT
 from launch.env import free_port
 from pretrain.sharded_state import read_saved_shapes, read_whole
 from pretrain.state_files import (
-    _run_in_stored_box, box_of_range, read_boxes, read_index, rows_around, write_boxes,
+    _runs, box_of_range, read_boxes, read_index, rows_around, write_boxes,
 )
 
 
@@ -68,17 +68,18 @@ def test_boxes_written_by_several_ranks_read_back_as_any_box(tmp_path):
     read_boxes(tmp_path, {"w": (part, (4, 2)), "b": (tail, (2,))})
     assert torch.equal(rows, whole[3:6]) and torch.equal(part, whole[4:6, 2:6])
     assert torch.equal(tail, bias[2:7])
-    # boxes that are one run of bytes of a stored box are read straight from the file
+    # boxes whose parts are runs of bytes both in a file and in the box are read straight
     index = read_index(tmp_path)
-    inside = {"w": ((1, 0), (2, 10)), "b": ((4,), (2,))}
-    assert all(_run_in_stored_box(index[k], *box) for k, box in inside.items())
-    assert _run_in_stored_box(index["w"], (3, 0), (3, 10)) is None  # spans two stored boxes
-    rows, part = torch.empty(2, 10), torch.empty(2)
-    read_boxes(tmp_path, {"w": (rows, (1, 0)), "b": (part, (4,))})
-    assert torch.equal(rows, whole[1:3]) and torch.equal(part, bias[4:6])
-    row = torch.empty(1, 4)
-    assert _run_in_stored_box(index["w"], (4, 5), (1, 4))  # inside the partial row (4, 3:10)
-    read_boxes(tmp_path, {"w": (row, (4, 5))})
+    assert _runs(index["w"], (1, 0), (2, 10)) == [  # rows 1-2 of rank 0's rows 0-3
+        (tmp_path / "rank-00000.safetensors", index["w"][0].start + 4 * 10, 0, 20)]
+    assert len(_runs(index["w"], (3, 0), (3, 10))) == 4  # rows 3-5 from all four files
+    assert len(_runs(index["b"], (1,), (5,))) == 2
+    assert len(_runs(index["w"], (4, 2), (2, 4))) == 3  # three row segments
+    assert _runs(index["w"], (0, 2), (2, 4)) is None  # two rows' middles of rank 0's rows
+    rows, row, part = torch.empty(3, 10), torch.empty(1, 4), torch.empty(5)
+    read_boxes(tmp_path, {"w": (rows, (3, 0)), "b": (part, (1,))})
+    assert torch.equal(rows, whole[3:6]) and torch.equal(part, bias[1:6])
+    read_boxes(tmp_path, {"w": (row, (4, 5))})  # inside the partial row (4, 3:10)
     assert torch.equal(row, whole[4:5, 5:9])
 
 

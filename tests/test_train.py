@@ -50,18 +50,23 @@ def test_two_ranks_train_with_zero(stage, tiny_data, tmp_path):
     assert any((run / "tensorboard").iterdir())
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_gives_the_losses_of_an_uninterrupted_run(stage, tiny_data, tmp_path):
+@pytest.mark.parametrize("stage,async_save", [(2, False), (3, True)])
+def test_resume_gives_the_losses_of_an_uninterrupted_run(stage, async_save, tiny_data, tmp_path):
+    """With async_save the interrupted run's checkpoints are written in the background while
+    it trains on; the uninterrupted reference saves synchronously."""
     # dropout and a loader worker make the test sensitive to RNG and loader state
     common = ["model.dropout=0.1", "data.num_workers=1", f"parallel.zero_stage={stage}",
-              "optim.warmup_steps=2", "optim.decay_steps=12", "checkpoint.interval=6",
+              "optim.warmup_steps=2", "optim.decay_steps=12", "checkpoint.interval=3",
               "train.eval_interval=0"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_cli(["train", str(TINY_CONFIG), *base_overrides(tiny_data, whole), *common,
              "train.max_steps=12", "--nproc", "2"])
-    run_cli(["train", str(TINY_CONFIG), *base_overrides(tiny_data, parts), *common,
-             "train.max_steps=6", "--nproc", "2"])
-    proc = run_cli(["train", str(TINY_CONFIG), *base_overrides(tiny_data, parts), *common,
+    # stops after step 7 without a final save: resumes from the background save of step 6
+    interrupted = [*common, f"checkpoint.async_save={str(async_save).lower()}",
+                   "checkpoint.save_final=false"]
+    run_cli(["train", str(TINY_CONFIG), *base_overrides(tiny_data, parts), *interrupted,
+             "train.max_steps=7", "--nproc", "2"])
+    proc = run_cli(["train", str(TINY_CONFIG), *base_overrides(tiny_data, parts), *interrupted,
                     "train.max_steps=12", "--nproc", "2"])
     assert "resumed from step 6" in proc.stdout
     expected, got = losses_by_step(whole), losses_by_step(parts)
