@@ -6,9 +6,10 @@ alternates too) so that drift of the machine affects both, and each model's best
 (the least disturbed by other processes). A round is one optimizer step by default: on a
 machine shared with other jobs, whose load comes in bursts, a short round is far more likely to
 run undisturbed than a long one (6 rounds of 5 steps gave ratios from 0.77x to 1.60x for the
-same code within an hour at load 5-12; BENCHMARKS.md section 1). MFU is model FLOPs/s (PaLM: 6N + 12 L H Q T per token) over a peak measured in
-the same run: on CPU the fp32 matmul rate of a large square matmul (there is no datasheet peak
-to trust), on GPU also the datasheet peak when the device is known.
+same code within an hour at load 5-12; BENCHMARKS.md section 1). MFU is model FLOPs/s
+(PaLM: 6N + 12 L H Q T per token) over a peak measured in the same run: on CPU the fp32 matmul
+rate of a large square matmul (there is no datasheet peak to trust), on GPU also the datasheet
+peak when the device is known.
 
     python benchmarks/train_throughput.py               # the default 4-layer, d=256 model
     python benchmarks/train_throughput.py --preset gpt2-small --batch 4 --seq 512
