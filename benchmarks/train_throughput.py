@@ -1,10 +1,15 @@
 """Training throughput of our GPT against Hugging Face transformers' GPT2LMHeadModel.
 
 Same dimensions, batch, sequence length, optimizer (AdamW) and precision, in the same process,
-on the same machine; the two models are timed in alternating rounds so that drift of the machine
-affects both, and each model's best round counts (the least disturbed by other processes). MFU is model FLOPs/s (PaLM: 6N + 12 L H Q T per token) over a peak measured in
-the same run: on CPU the fp32 matmul rate of a large square matmul (there is no datasheet peak
-to trust), on GPU also the datasheet peak when the device is known.
+on the same machine; the two models are timed in alternating rounds (which one goes first
+alternates too) so that drift of the machine affects both, and each model's best round counts
+(the least disturbed by other processes). A round is one optimizer step by default: on a
+machine shared with other jobs, whose load comes in bursts, a short round is far more likely to
+run undisturbed than a long one (6 rounds of 5 steps gave ratios from 0.77x to 1.60x for the
+same code within an hour at load 5-12; BENCHMARKS.md section 1). MFU is model FLOPs/s
+(PaLM: 6N + 12 L H Q T per token) over a peak measured in the same run: on CPU the fp32 matmul
+rate of a large square matmul (there is no datasheet peak to trust), on GPU also the datasheet
+peak when the device is known.
 
     python benchmarks/train_throughput.py               # the default 4-layer, d=256 model
     python benchmarks/train_throughput.py --preset gpt2-small --batch 4 --seq 512
@@ -97,8 +102,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -113,8 +118,9 @@ def main() -> None:
             step_fn(model, kind, opt, ids)
         models[kind] = (model, opt)
     times = {"ours": [], "hf": []}
-    for _ in range(args.rounds):
-        for kind, (model, opt) in models.items():
+    for r in range(args.rounds):
+        for kind in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
+            model, opt = models[kind]
             times[kind].append(time_steps(model, kind, opt, ids, args.steps, device))
     peak = matmul_peak_flops(device, torch.float32)
     ours = models["ours"][0]

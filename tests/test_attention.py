@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from pretrain.config import AttentionConfig
 from pretrain.model.attention import (
@@ -273,3 +275,66 @@ def test_dense_on_cuda_matches_reference(name, dtype):
     got = torch.autograd.grad(out, inputs, g.to("cuda", dtype))
     for a, b in zip(got, ref_grads):
         torch.testing.assert_close(a.double().cpu(), b, atol=5 * tol, rtol=5 * tol)
+
+
+FUSION_CASES = {  # name -> (kernel config or None for a dense cross-attention, projections)
+    "dense": (AttentionConfig(), 3),
+    "cross": (None, 3),
+    "reformer-shared-qk": (AttentionConfig(kind="reformer", reformer=dict(
+        n_hashes=2, n_buckets=2, chunk_len=4, hash_seed=3)), 2),
+    "longformer-global": (AttentionConfig(kind="longformer", longformer=dict(
+        window=2, global_positions=[0])), 6),
+}
+
+
+class CountLinear(TorchFunctionMode):
+    """Counts F.linear calls (nn.Linear's forward included) made inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += func is F.linear
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", sorted(FUSION_CASES))
+def test_fused_projections_match_separate_ones(name):
+    """MultiHeadAttention computes the projections of one input with one matmul over their
+    concatenated weights. It must give what calling each nn.Linear gives, outputs and every
+    gradient, and must call each projection itself whenever one has a hook (DeepSpeed ZeRO-3
+    gathers a module's parameters in a forward pre-hook: skipping it would read empty ones)."""
+    torch.manual_seed(0)
+    cfg, n_proj = FUSION_CASES[name]
+    D, T = 16, 8
+
+    def build():
+        kernel = None if cfg is None else build_attention_kernel(cfg)
+        return MultiHeadAttention(D, 2, kernel=kernel, cross=cfg is None)
+
+    fused, separate = build(), build()
+    separate.load_state_dict(fused.state_dict())
+    calls = []
+    for proj in separate.head_projections():
+        proj.register_forward_pre_hook(lambda mod, args: calls.append(mod))
+    assert len(fused.head_projections()) == n_proj
+    x = torch.randn(2, T, D)
+    ctx = torch.randn(2, T + 3, D) if cfg is None else None
+    outs, grads, matmuls = [], [], []
+    for mha in (fused, separate):
+        xi = x.clone().requires_grad_()
+        ci = None if ctx is None else ctx.clone().requires_grad_()
+        with CountLinear() as counted:
+            out = mha(xi, context_BSD=ci, causal=cfg is not None)
+        matmuls.append(counted.n)
+        out.pow(2).sum().backward()
+        outs.append(out)
+        grads.append([xi.grad] + ([] if ci is None else [ci.grad])
+                     + [p.grad for p in mha.parameters()])
+    assert len(calls) == n_proj  # the hooked projections ran one by one
+    # fused: one matmul per input (cross-attention: q of x, k and v of the context) + o_proj
+    assert matmuls == [(2 if cfg is None else 1) + 1, n_proj + 1]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+    for g_fused, g_separate in zip(*grads):
+        torch.testing.assert_close(g_fused, g_separate, atol=1e-6, rtol=1e-6)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pretrain.config import ModelConfig
 from pretrain.model import GPT, ModelOutput, build_model
 from pretrain.model.flops import model_flops_utilization, transformer_flops_per_token
+from pretrain.model.layers import lm_cross_entropy
 
 V = 61  # odd on purpose: nothing may assume a padded vocabulary
 
@@ -292,3 +293,33 @@ def test_logits_match_hf_gpt2(overrides):
 def test_build_model_unknown_family():
     with pytest.raises(ValueError, match="not implemented"):
         build_model(ModelConfig.model_construct(family="xlnet"), V)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_cross_entropy_matches_torch(dtype):
+    """lm_cross_entropy prepares its gradient in forward (layers.SummedCrossEntropy): loss and
+    gradient must be those of autograd through F.cross_entropy on the fp32 logits, in the
+    logits' dtype, with ignored targets contributing nothing, and a retained graph must give
+    the same gradient twice."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, 50, generator=g) * 5).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (3, 7), generator=g)
+    targets[0, :3] = -100
+    targets[2, 6] = -100
+    loss, n = lm_cross_entropy(logits, targets)
+    (grad,) = torch.autograd.grad(loss * 1.5, logits, retain_graph=True)
+    (again,) = torch.autograd.grad(loss * 1.5, logits)
+
+    ref_logits = logits.detach().clone().requires_grad_()
+    keep = targets != -100
+    ref = F.cross_entropy(ref_logits.float()[keep], targets[keep])
+    (ref_grad,) = torch.autograd.grad(ref * 1.5, ref_logits)
+    assert n.item() == keep.sum().item() == 17
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(again, grad, atol=0, rtol=0)
+    assert (grad[0, :3] == 0).all() and (grad[2, 6] == 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(lm_cross_entropy(logits, targets)[0], ref, atol=1e-6,
+                                   rtol=1e-6)

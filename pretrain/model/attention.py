@@ -40,6 +40,11 @@ for the record. Kernels treat heads independently (Reformer's random rotations a
 heads, drawn from the stream every tensor-parallel rank shares), so a head-sliced module computes
 exactly its share of the unsliced one.
 
+The projections of one input (self-attention: all of them) run as one matmul over their
+concatenated weights when each is a plain linear map without hooks (`_is_plain_linear`);
+otherwise, e.g. under DeepSpeed ZeRO-3, whose forward pre-hooks gather each module's
+parameters, they run one by one. Parameters, names and slicing are the same either way.
+
 Layout of the projections (nn.Linear, weight [out, in]): q_proj, k_proj, v_proj: [D, D], head h
 owns output rows h*d:(h+1)*d; o_proj: [D, D], head h owns input columns h*d:(h+1)*d. Hugging
 Face GPT-2's fused Conv1D `c_attn.weight` [D, 3D] is cat([Wq, Wk, Wv], dim=0).T (see hf_gpt2.py).
@@ -286,6 +291,19 @@ def build_attention_kernel(cfg: AttentionConfig, layer: int = 0) -> AttentionKer
     return kernel_cls.from_config(cfg, layer)
 
 
+def _is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module(x)` is exactly F.linear(x, module.weight, module.bias) and nothing else
+    happens around it, so that MultiHeadAttention may compute it from the weights directly:
+    an nn.Linear (or a class that declares `plain_linear = True`, such as tensor parallelism's
+    ColumnParallelLinear) without forward or backward hooks. Hooks mean someone acts on the
+    call: DeepSpeed ZeRO-3 hooks every module to gather its partitioned parameters just before
+    its forward, so under ZeRO-3 the projections keep running one by one."""
+    plain = getattr(type(module), "plain_linear", False) or (
+        isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
+    return plain and not (module._forward_pre_hooks or module._forward_hooks
+                          or module._backward_pre_hooks or module._backward_hooks)
+
+
 class KVCache:
     """Keys and values of the positions already processed, for incremental decoding: each
     forward appends its new k, v [B, H, T, d] and attends over everything cached (the causal
@@ -355,6 +373,24 @@ class MultiHeadAttention(nn.Module):
         names = {name for arg, name in self.kernel.projections.items() if arg.startswith("q")}
         return [getattr(self, f"{name}_proj") for name in self.projection_names if name in names]
 
+    def _project(self, x_BTD: Tensor, names: list[str]) -> list[Tensor]:
+        """The projections `names` of one input, [B, T, E] each. When there are several and all
+        are plain linear maps (`_is_plain_linear`), one matmul over their concatenated weights
+        computes them all, as Hugging Face GPT-2's fused c_attn does: on CPU three [D, D]
+        matmuls cost measurably more than one [D, 3D] (BENCHMARKS.md section 1). The
+        parameters stay separate (names, checkpoints, tensor-parallel slicing unchanged); the
+        gradient of the concatenation hands each weight its own rows."""
+        projs = [getattr(self, f"{name}_proj") for name in names]
+        if len(projs) < 2 or not all(_is_plain_linear(p) for p in projs):
+            return [p(x_BTD) for p in projs]
+        biases = [p.bias for p in projs]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            return [p(x_BTD) for p in projs]
+        weight = torch.cat([p.weight for p in projs])  # [sum E, D]
+        bias = None if biases[0] is None else torch.cat(biases)
+        out_BTF = F.linear(x_BTD, weight, bias)
+        return list(out_BTF.split([p.weight.size(0) for p in projs], dim=-1))
+
     def _split_heads(self, x_BTE: Tensor) -> Tensor:
         B, T, E = x_BTE.shape
         return x_BTE.view(B, T, E // self.head_dim, self.head_dim).transpose(1, 2)  # [B,H,T,d]
@@ -383,14 +419,19 @@ class MultiHeadAttention(nn.Module):
             )
         src_BSD = context_BSD if self.cross else x_BTD
 
-        heads: dict[tuple[str, bool], Tensor] = {}  # (projection, of the query input) -> heads
-        args: dict[str, Tensor] = {}
+        # The projections each input needs (self-attention: all of them on x), in kernel order.
+        wanted: dict[bool, list[str]] = {True: [], False: []}  # of the query input? -> names
         for arg, name in self.kernel.projections.items():
             query_side = arg.startswith("q") or src_BSD is x_BTD
-            if (name, query_side) not in heads:
-                proj = getattr(self, f"{name}_proj")
-                heads[name, query_side] = self._split_heads(proj(x_BTD if query_side else src_BSD))
-            args[arg] = heads[name, query_side]
+            if name not in wanted[query_side]:
+                wanted[query_side].append(name)
+        heads: dict[tuple[str, bool], Tensor] = {}  # (projection, of the query input) -> heads
+        for query_side, names in wanted.items():
+            outs = self._project(x_BTD if query_side else src_BSD, names)
+            for name, out_BTE in zip(names, outs):
+                heads[name, query_side] = self._split_heads(out_BTE)
+        args = {arg: heads[name, arg.startswith("q") or src_BSD is x_BTD]
+                for arg, name in self.kernel.projections.items()}
         if kv_cache is not None:
             if not self.kernel.scores_all_pairs:
                 raise ValueError(

@@ -49,6 +49,8 @@ class ColumnParallelLinear(nn.Module):
     entered with copy_to_tp or gather_seq), and the output is this rank's O/n features.
     """
 
+    plain_linear = True  # forward is F.linear(x, weight, bias): MultiHeadAttention may fuse it
+
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tp: int) -> None:
         super().__init__()
         self.weight, self.bias = weight, bias  # [O/n, I], [O/n]
