@@ -25,7 +25,8 @@ starts (before it resumes), when a save failed (after all ranks agreed it did, w
 the space of a save that filled the disk) and before each save.
 
 Asynchronous saves (`save(..., background=True)`, checkpoint.async_save): the caller is blocked
-only for the collective part and the copy of this rank's state into host memory; writing, the
+only for the collective part and, from a GPU, the copy of this rank's state into host memory (on
+CPU the thread makes that copy, and the next optimizer step waits for it); writing, the
 agreements and the commit run in a thread, with a gloo process group of their own, while
 training goes on. At most one save is in flight: the next save waits for it (`wait`), and so do
 the end of training and a stop. A failure in the background reaches the training loop: `poll`,

@@ -391,11 +391,12 @@ class CheckpointConfig(Section):
     save_final: bool = True
     """Save a checkpoint when training ends."""
     async_save: bool = False
-    """Write periodic checkpoints in a background thread: training stops only while the state is
-    copied to host memory, then goes on while the copy is written. Costs host memory equal to
-    this rank's share of the fp32 weights and Adam moments. At most one save is in flight; the
-    final save and a stop (Slurm signal) wait until everything is on disk; a failed background
-    save stops the run at the next step with the error."""
+    """Write periodic checkpoints in a background thread: training stops only for the save's
+    collective part and while the state is copied to host memory (on CPU the copy overlaps the
+    next forward and backward), then goes on while the copy is written. Costs host memory equal
+    to this rank's share of the fp32 weights and Adam moments. At most one save is in flight;
+    the final save and a stop (Slurm signal) wait until everything is on disk; a failed
+    background save stops the run at the next step with the error."""
     init_from: str | None = None
     """Weights to start from when the run has no checkpoint yet: a model.safetensors written
     by `pretrain import` (continued pretraining of a Hugging Face model). Its shapes must match
