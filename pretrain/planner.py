@@ -336,8 +336,8 @@ def activation_bytes(cfg: Config, micro_batch: int, *, tp: int = 1, precision: s
     """Bytes one rank holds for the backward pass of one micro-batch.
 
     Returns `saved` (what autograd keeps once the forward is done: `blocks`, `embeddings`,
-    `head`), `transient` (what joins it at its worst moment: the gradients of the fp32
-    log-softmax and of the logits in the loss head's backward, or, with checkpointing, one
+    `head`), `transient` (what joins it at its worst moment: the logits' gradient in the loss
+    head's backward, an fp32 product plus its cast to the logits' dtype, or, with checkpointing, one
     block's activations recomputed) and `total` = saved + transient. `checkpointing` (default
     train.activation_checkpointing): every block keeps only its input."""
     m = cfg.model
@@ -362,8 +362,10 @@ def activation_bytes(cfg: Config, micro_batch: int, *, tp: int = 1, precision: s
         embeddings += (_norm_bytes(m, bc) - m.d_model * bc) * stacks[0].tokens * B
     if enc_tokens and m.norm_position == "pre":  # the encoder's final norm
         embeddings += (_norm_bytes(m, bc) - m.d_model * bc) * enc_tokens * B
-    # the loss head: the stack's final norm, the head's own layers, and the logits, of which
-    # the fp32 log-softmax is kept; in backward its gradient and the logits' gradient join it
+    # the loss head: the stack's final norm, the head's own layers, and the logits, whose fp32
+    # log-softmax is kept, turned into its gradient in forward (SummedCrossEntropy); the logits
+    # themselves live until the loss is computed, and backward makes one fp32 product of that
+    # gradient (plus its cast to the logits' dtype)
     n = head_tokens * B
     head = 4 * V * n + m.d_model * bc * n  # the head's input (T5: the scaled decoder output)
     if m.norm_position == "pre":  # the final norm, whose output is that input
@@ -372,7 +374,7 @@ def activation_bytes(cfg: Config, micro_batch: int, *, tp: int = 1, precision: s
         head += (m.d_model * bc + _norm_bytes(m, bc)) * n
         if m.sentence_head != "none":  # the pooler keeps the stack output (a [CLS] view)
             head += m.d_model * bc * (stacks[0].tokens + 1) * B
-    head_transient = 2 * 4 * V * n + (bc * V * n if bc != 4 else 0)
+    head_transient = 4 * V * n + (bc * V * n if bc != 4 else 0)
     transient = max(head_transient, largest_block if ckpt else 0.0)
     saved = blocks + embeddings + head
     return {"blocks": blocks, "embeddings": embeddings, "head": head, "saved": saved,

@@ -291,6 +291,30 @@ def build_attention_kernel(cfg: AttentionConfig, layer: int = 0) -> AttentionKer
     return kernel_cls.from_config(cfg, layer)
 
 
+class _LinearOfMany(torch.autograd.Function):
+    """F.linear(x, cat(weights), cat(biases)) [.., F] without keeping the concatenated weight
+    for backward: only x and the parameters themselves are saved (what separate Linears keep),
+    and backward concatenates the weights again for x's gradient, a transient of F x D. The
+    weights' gradients come from one [F, N] x [N, D] matmul, split by rows."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, n: int, *weights_and_biases: Tensor) -> Tensor:
+        weights, biases = weights_and_biases[:n], weights_and_biases[n:]
+        ctx.save_for_backward(x_ND, *weights)
+        ctx.has_bias = bool(biases)
+        return F.linear(x_ND, torch.cat(weights), torch.cat(biases) if biases else None)
+
+    @staticmethod
+    def backward(ctx, grad_NF: Tensor):
+        x_ND, *weights = ctx.saved_tensors
+        sizes = [w.size(0) for w in weights]
+        grad_x = grad_NF @ torch.cat(weights) if ctx.needs_input_grad[0] else None
+        g_MF, x_MD = grad_NF.reshape(-1, grad_NF.size(-1)), x_ND.reshape(-1, x_ND.size(-1))
+        grad_w = (g_MF.t() @ x_MD).split(sizes)  # [F, D] by rows: each weight's own
+        grad_b = g_MF.sum(0).split(sizes) if ctx.has_bias else ()
+        return grad_x, None, *grad_w, *grad_b
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     """Whether `module(x)` is exactly F.linear(x, module.weight, module.bias) and nothing else
     happens around it, so that MultiHeadAttention may compute it from the weights directly:
@@ -386,10 +410,10 @@ class MultiHeadAttention(nn.Module):
         biases = [p.bias for p in projs]
         if any(b is None for b in biases) and any(b is not None for b in biases):
             return [p(x_BTD) for p in projs]
-        weight = torch.cat([p.weight for p in projs])  # [sum E, D]
-        bias = None if biases[0] is None else torch.cat(biases)
-        out_BTF = F.linear(x_BTD, weight, bias)
-        return list(out_BTF.split([p.weight.size(0) for p in projs], dim=-1))
+        weights = [p.weight for p in projs]
+        out_BTF = _LinearOfMany.apply(x_BTD, len(projs), *weights,
+                                      *(biases if biases[0] is not None else ()))
+        return list(out_BTF.split([w.size(0) for w in weights], dim=-1))
 
     def _split_heads(self, x_BTE: Tensor) -> Tensor:
         B, T, E = x_BTE.shape
