@@ -17,11 +17,11 @@ distinct paths, both splits) with the same trained byte-level BPE on the same nu
 
 Tokens are counted the same way on both sides (every document's ids plus its EOS), so a rate
 ratio is a time ratio over identical work. The pipeline's fixed costs (Ray start and shutdown,
-actor start: seconds) weigh on a small corpus, hence the default of 4 copies of the stdlib
-(~48 MB). The first pipeline run trains the tokenizer (its own row); then pipeline and raw runs
+actor start: seconds) weigh on a small corpus, hence the default of 8 copies of the stdlib
+(~97 MB). The first pipeline run trains the tokenizer (its own row); then pipeline and raw runs
 alternate for `--rounds` rounds and each keeps its best round.
 
-    python benchmarks/data_prep.py                          # 4 x the stdlib corpus, all cores
+    python benchmarks/data_prep.py                          # 8 x the stdlib corpus, all cores
     python benchmarks/data_prep.py --repeat 1 --rounds 5    # the stdlib once (~12 MB)
     python benchmarks/data_prep.py --sources /corpus/shard-000.jsonl --repeat 1
 
@@ -114,7 +114,7 @@ def main() -> None:
                     help="corpus (data.sources): files, directories, globs or `stdlib`")
     ap.add_argument("--cpus", type=int, default=None,
                     help="cores for both sides (default: all)")
-    ap.add_argument("--repeat", type=int, default=4,
+    ap.add_argument("--repeat", type=int, default=8,
                     help="copies of the corpus to prepare (amortizes the fixed costs)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--raw-batch", type=int, default=64,
