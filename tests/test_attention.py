@@ -338,3 +338,22 @@ def test_fused_projections_match_separate_ones(name):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
     for g_fused, g_separate in zip(*grads):
         torch.testing.assert_close(g_fused, g_separate, atol=1e-6, rtol=1e-6)
+
+    # under bf16 autocast (benchmarks/gpu_mfu.py): the same bf16 matmuls, every gradient in
+    # its input's dtype
+    outs, grads = [], []
+    for mha in (fused, separate):
+        mha.zero_grad()
+        xi = x.clone().requires_grad_()
+        ci = None if ctx is None else ctx.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mha(xi, context_BSD=ci, causal=cfg is not None)
+        out.float().pow(2).sum().backward()
+        outs.append(out)
+        grads.append([xi.grad] + ([] if ci is None else [ci.grad])
+                     + [p.grad for p in mha.parameters()])
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
+    for g_fused, g_separate in zip(*grads):
+        assert g_fused.dtype == g_separate.dtype == torch.float32
+        torch.testing.assert_close(g_fused, g_separate, atol=5e-2, rtol=5e-2)

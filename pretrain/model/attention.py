@@ -295,24 +295,43 @@ class _LinearOfMany(torch.autograd.Function):
     """F.linear(x, cat(weights), cat(biases)) [.., F] without keeping the concatenated weight
     for backward: only x and the parameters themselves are saved (what separate Linears keep),
     and backward concatenates the weights again for x's gradient, a transient of F x D. The
-    weights' gradients come from one [F, N] x [N, D] matmul, split by rows."""
+    weights' gradients come from one [F, N] x [N, D] matmul, split by rows.
+
+    Under autocast the matmuls run in the autocast dtype, as F.linear's would, and each
+    gradient comes back in the dtype of its input (autograd does not re-enter autocast in a
+    custom backward, so the casts are explicit here)."""
 
     @staticmethod
     def forward(ctx, x_ND: Tensor, n: int, *weights_and_biases: Tensor) -> Tensor:
         weights, biases = weights_and_biases[:n], weights_and_biases[n:]
+        device = x_ND.device.type
+        ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+            else None
         ctx.save_for_backward(x_ND, *weights)
         ctx.has_bias = bool(biases)
-        return F.linear(x_ND, torch.cat(weights), torch.cat(biases) if biases else None)
+        cast = _cast_to(ctx.dtype)
+        with torch.autocast(device, enabled=False):
+            return F.linear(cast(x_ND), torch.cat([cast(w) for w in weights]),
+                            torch.cat([cast(b) for b in biases]) if biases else None)
 
     @staticmethod
     def backward(ctx, grad_NF: Tensor):
         x_ND, *weights = ctx.saved_tensors
+        cast = _cast_to(ctx.dtype)
         sizes = [w.size(0) for w in weights]
-        grad_x = grad_NF @ torch.cat(weights) if ctx.needs_input_grad[0] else None
-        g_MF, x_MD = grad_NF.reshape(-1, grad_NF.size(-1)), x_ND.reshape(-1, x_ND.size(-1))
-        grad_w = (g_MF.t() @ x_MD).split(sizes)  # [F, D] by rows: each weight's own
-        grad_b = g_MF.sum(0).split(sizes) if ctx.has_bias else ()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_NF @ torch.cat([cast(w) for w in weights])).to(x_ND.dtype)
+        g_MF = grad_NF.reshape(-1, grad_NF.size(-1))
+        x_MD = cast(x_ND).reshape(-1, x_ND.size(-1))
+        grad_w = [g.to(w.dtype) for g, w in zip((g_MF.t() @ x_MD).split(sizes), weights)]
+        grad_b = [g.to(w.dtype) for g, w in zip(g_MF.sum(0).split(sizes), weights)] \
+            if ctx.has_bias else []
         return grad_x, None, *grad_w, *grad_b
+
+
+def _cast_to(dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
+    return (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
