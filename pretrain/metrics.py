@@ -53,7 +53,7 @@ class PeakMemory:
     peak - base, which is what `pretrain plan` predicts.
     """
 
-    def __init__(self, device: torch.device, *, zero_stage: int = 0):
+    def __init__(self, device: torch.device):
         self.device = device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -64,10 +64,9 @@ class PeakMemory:
             import deepspeed  # noqa: F401
             import torch._dynamo  # noqa: F401
 
-            if zero_stage >= 1:
-                # DeepSpeed's ZeRO optimizers import torch._inductor (and networkx with it) when
-                # they are built: about 45 MB more code (1.4 s), loaded here instead.
-                import torch._inductor.compile_fx  # noqa: F401
+            # DeepSpeed's ZeRO optimizers, and at times a ZeRO-0 run too, import torch._inductor
+            # (and networkx with it) once training starts: about 45 MB more code (1.4 s).
+            import torch._inductor.compile_fx  # noqa: F401
 
             self.base = psutil.Process().memory_info().rss
 

@@ -390,11 +390,7 @@ def plots(rows: list[RunSummary], scale: list[dict], fit: PowerLawFit | None,
             drawn["loss_vs_tokens"].append({"label": f"{r.point} val", "x": list(x),
                                             "y": list(y)})
     ax.set(xlabel="tokens", ylabel="loss", title="Loss against tokens")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_tokens.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, out / "loss_vs_tokens.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_series: dict[str, list[dict]] = {}
@@ -416,11 +412,7 @@ def plots(rows: list[RunSummary], scale: list[dict], fit: PowerLawFit | None,
             {"label": f"{name} ideal", "x": x, "y": [p["ideal"] for p in points]}]
     ax.set_xticks(sorted({s["nodes"] for s in scale}) or [1])
     ax.set(xlabel="nodes", ylabel="tokens/s", title="Throughput against nodes (ideal: linear)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "throughput_vs_nodes.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, out / "throughput_vs_nodes.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     finals = []
@@ -450,12 +442,17 @@ def plots(rows: list[RunSummary], scale: list[dict], fit: PowerLawFit | None,
     ax.set_xscale("log")
     ax.set(xlabel="training compute (model FLOPs)", ylabel="loss (validation where logged)",
            title="Loss against compute")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_compute.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, out / "loss_vs_compute.png", grid="both")
     return drawn
+
+
+def _save(plt, fig, ax, path: Path, grid: str = "major") -> None:
+    """Legend, grid, layout; write the PNG and free the figure."""
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which=grid)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ class Trainer:
             raise SetupError(str(e)) from None
         init_distributed(backend, cfg.parallel.timeout_minutes)
         # before the model: peak - base is what its states and activations take (the planner's)
-        self.memory = PeakMemory(self.device, zero_stage=cfg.parallel.zero_stage)
+        self.memory = PeakMemory(self.device)
         self.rollcall = RollCall(env.rank, env.world_size, cfg.parallel.timeout_minutes * 60,
                                  env.restart_count)
         if self.faults is not None and env.is_main:
