@@ -1,14 +1,15 @@
 """The planner's peak memory per rank against the peak measured in real CPU training runs.
 
 Each layout trains a GPT for a few steps through `pretrain train` (DeepSpeed on gloo, real
-processes), which logs peak_mem_bytes and base_mem_bytes (pretrain/metrics.py: the resident
-set's high-water mark, and the resident set before the model was built); `pretrain plan`'s
+processes), which logs peak_mem_bytes and base_mem_bytes (pretrain/metrics.py: the anonymous
+part of the resident set's high-water mark, and of the resident set before the model was built,
+leaving out library code mapped from files); `pretrain plan`'s
 model (pretrain/planner.py) predicts peak - base for the same config and layout. glibc is told
 to serve every allocation of 64 KiB or more with mmap (MALLOC_MMAP_THRESHOLD_), so that freed
 tensors leave the resident set at once, as they leave a GPU's allocated memory.
 
-What the planner does not count is the run's fixed cost (DeepSpeed's and torch's code and
-thread pools loaded after the base, gloo's buffers): measured here as the peak - base of the
+What the planner does not count is the run's fixed cost (the thread pools and objects DeepSpeed
+and torch create after the base, gloo's buffers): measured here as the peak - base of the
 0.14M-parameter gpt-tiny in the same layout, and shown beside each figure.
 
     python benchmarks/planner_memory.py              # 7 layouts, 2 steps each (~4 min on 2 cores)

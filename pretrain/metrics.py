@@ -41,12 +41,25 @@ def device_peak_tflops(device: torch.device, configured: float | None) -> float 
     return None
 
 
+def _anonymous(resident: int) -> int:
+    """`resident` less the file-backed and shared pages resident now (Linux; elsewhere psutil
+    does not split the resident set and `resident` is returned)."""
+    return resident - getattr(psutil.Process().memory_info(), "shared", 0)
+
+
 class PeakMemory:
     """Peak memory of this process, for metrics and for checking `pretrain plan`.
 
     GPU: torch.cuda.max_memory_allocated (tensors only; the CUDA context and the caching
-    allocator's reserve are not counted). CPU: the peak resident set size (getrusage's
-    ru_maxrss, the kernel's high-water mark of this process, DataLoader workers excluded).
+    allocator's reserve are not counted). CPU: the anonymous part of the peak resident set (the
+    kernel's high-water mark, getrusage's ru_maxrss, less the file-backed and shared pages
+    resident when it is read; DataLoader workers excluded). Library code is mapped from files
+    and faulted in page by page as new kernels first run, by amounts that depend on the kernel
+    and on how the files sit in the page cache (22 MB on one machine, 45 MB from a fresh venv on
+    the same machine, about 100 MB on another, for the same two steps): it is not memory the run
+    holds, and it is not what `pretrain plan` predicts. Those pages only grow, so subtracting the
+    ones resident at the reading bounds the anonymous peak from below, by what was faulted in
+    between the peak and the reading (a logging step's code: little).
     `base` is the same measure taken when the meter is created (the trainer does so once the
     process group is up, before the model exists): on CPU the interpreter, torch, DeepSpeed
     and gloo; on GPU usually 0. What the run's model, optimizer and activations took is
@@ -68,13 +81,13 @@ class PeakMemory:
             # (and networkx with it) once training starts: about 45 MB more code (1.4 s).
             import torch._inductor.compile_fx  # noqa: F401
 
-            self.base = psutil.Process().memory_info().rss
+            self.base = _anonymous(psutil.Process().memory_info().rss)
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+        return _anonymous(peak if sys.platform == "darwin" else peak * 1024)  # Linux: KiB
 
     def stats(self) -> dict[str, int]:
         """Peak and base of the rank whose peak - base is largest (a collective when

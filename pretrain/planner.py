@@ -38,8 +38,9 @@ This module is the one place that predicts memory. Everything is per rank (one r
 
 What is not counted: the process itself (on GPU, the CUDA context and NCCL's buffers, which
 torch.cuda.max_memory_allocated does not see either, hence the headroom; on CPU the
-interpreter, and the code and thread pools DeepSpeed and torch load while the run starts, a
-fixed 25-30 MB). `PeakMemory` in pretrain/metrics.py measures what is counted: peak - base.
+interpreter and library code, and the thread pools and objects DeepSpeed and torch create while
+the run starts, a fixed 6-9 MB). `PeakMemory` in pretrain/metrics.py measures what is counted:
+peak - base.
 Measured against CPU runs in BENCHMARKS.md ("Planner").
 
 Step time comes from the FLOPs model of pretrain/model/flops.py (6 N + 12 L H Q T per token,
