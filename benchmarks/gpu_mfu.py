@@ -16,9 +16,11 @@ Settings (all printed with the result), as the field trains on one GPU:
   * attention: SDPA pinned to the flash-attention backend (`--sdpa`);
   * selective activation checkpointing (`--ac`; pretrain.parallel.activation_checkpoint): matmul
     and attention outputs kept, element-wise ops recomputed;
-  * torch.compile of the whole model with its loss (`--compile`), so the fp32 upcast of the
-    [B, T, V] logits is fused into the cross-entropy kernels instead of being materialized
-    (the bf16 logits themselves are materialized once: the model's head is one matmul);
+  * torch.compile of the whole model with its loss (`--compile`);
+  * the loss from the head's input a block of rows at a time (pretrain.model.layers.
+    LinearCrossEntropy: at most 256 MiB of fp32 logits, 1,334 rows of the 50,304-word
+    vocabulary, both head gradients prepared in forward): the [B, T, V] logits never exist
+    whole, in bf16 or fp32;
   * AdamW with fused=True (one kernel for all parameters), weight decay on matrices;
   * micro-batch `--batch` x 2048 tokens of random ids (compute only: the loader is measured by
     loader_throughput.py), no gradient accumulation.

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from pretrain.config import Config, ModelConfig
+from pretrain.model.layers import LOSS_BLOCK_BYTES
 from pretrain.parallel.deepspeed import persistence_threshold, reduce_bucket_size
 
 GiB = 2**30
@@ -333,14 +334,16 @@ def _stacks(cfg: Config, device: str) -> tuple[list[_Stack], int, int]:
 
 def activation_bytes(cfg: Config, micro_batch: int, *, tp: int = 1, precision: str = "fp32",
                      checkpointing: bool | None = None, device: str = "gpu",
-                     vocab_size: int | None = None) -> dict[str, float]:
+                     vocab_size: int | None = None, zero_stage: int = 0) -> dict[str, float]:
     """Bytes one rank holds for the backward pass of one micro-batch.
 
     Returns `saved` (what autograd keeps once the forward is done: `blocks`, `embeddings`,
-    `head`), `transient` (what joins it at its worst moment: the logits' gradient in the loss
-    head's backward, an fp32 product plus its cast to the logits' dtype, or, with checkpointing, one
-    block's activations recomputed) and `total` = saved + transient. `checkpointing` (default
-    train.activation_checkpointing): every block keeps only its input."""
+    `head`), `transient` (what joins it at its worst moment: the loss head's work over the
+    logits, or, with checkpointing, one block's activations recomputed) and `total` = saved +
+    transient. `checkpointing` (default train.activation_checkpointing): every block keeps only
+    its input. GPT's and T5's loss comes from the head's input a block of rows at a time
+    (layers.lm_head_cross_entropy) unless tensor parallelism splits the head or ZeRO-3 hooks
+    it (`zero_stage`)."""
     m = cfg.model
     bc = BYTES[precision]
     V = (vocab_size or resolve_vocab_size(cfg)) / tp
@@ -363,19 +366,33 @@ def activation_bytes(cfg: Config, micro_batch: int, *, tp: int = 1, precision: s
         embeddings += (_norm_bytes(m, bc) - m.d_model * bc) * stacks[0].tokens * B
     if enc_tokens and m.norm_position == "pre":  # the encoder's final norm
         embeddings += (_norm_bytes(m, bc) - m.d_model * bc) * enc_tokens * B
-    # the loss head: the stack's final norm, the head's own layers, and the logits, whose fp32
-    # log-softmax is kept, turned into its gradient in forward (SummedCrossEntropy); the logits
-    # themselves live until the loss is computed, and backward makes one fp32 product of that
-    # gradient (plus its cast to the logits' dtype)
+    # the loss head: the stack's final norm, the head's own layers, and
+    # - fused (LinearCrossEntropy): the gradients of the head's input [n, D] and of its weight
+    #   [V, D] (fp32), prepared in forward; while it runs, its input and one block of r rows of
+    #   fp32 logits turned in place into their gradient (4 V r, at most 256 MiB however many
+    #   tokens)
+    # - otherwise: the head's input and the logits' fp32 log-softmax, turned into its gradient in
+    #   forward (SummedCrossEntropy); the logits themselves live until the loss is computed, and
+    #   backward makes one fp32 product of that gradient (plus its cast to the logits' dtype)
     n = head_tokens * B
-    head = 4 * V * n + m.d_model * bc * n  # the head's input (T5: the scaled decoder output)
+    fused = m.family != "bert" and tp == 1 and zero_stage != 3
+    head = (4 * V * m.d_model if fused else 4 * V * n) + m.d_model * bc * n
     if m.norm_position == "pre":  # the final norm, whose output is that input
         head += (_norm_bytes(m, bc) - m.d_model * bc) * n
     if m.family == "bert":  # dense, activation, norm on the predicted positions
         head += (m.d_model * bc + _norm_bytes(m, bc)) * n
         if m.sentence_head != "none":  # the pooler keeps the stack output (a [CLS] view)
             head += m.d_model * bc * (stacks[0].tokens + 1) * B
-    head_transient = 4 * V * n + (bc * V * n if bc != 4 else 0)
+    if fused:
+        D, rows = m.d_model, min(n, max(1, LOSS_BLOCK_BYTES // (4 * V)))
+        low = bc if bc != 4 else 0  # a block in the compute dtype beside the fp32 one
+        # a block's logits in fp32 (the weight's gradient, counted in `head`, exists only from
+        # the end of the first block), then its gradient with the weight gradient's share of it
+        logits_moment = (4 + low) * V * rows - (4 * V * D if rows == n else 0)
+        weight_moment = bc * V * rows + low * V * D + (4 * V * D if rows < n else 0)
+        head_transient = max(logits_moment, weight_moment) + 2 * D * bc * n  # x, x / s
+    else:
+        head_transient = 4 * V * n + (bc * V * n if bc != 4 else 0)
     transient = max(head_transient, largest_block if ckpt else 0.0)
     saved = blocks + embeddings + head
     return {"blocks": blocks, "embeddings": embeddings, "head": head, "saved": saved,
@@ -492,7 +509,7 @@ def memory_breakdown(cfg: Config, layout: Layout, params: ParamCounts,
     act = activation_bytes(cfg, layout.micro_batch_size, tp=layout.tensor_parallel,
                            precision=layout.precision,
                            checkpointing=layout.activation_checkpointing, device=layout.device,
-                           vocab_size=vocab_size)
+                           vocab_size=vocab_size, zero_stage=layout.zero_stage)
     transients = transient_bytes(params, psi_r, layout.zero_stage, layout.dp, layout.precision,
                                  layout.device, reduce_bucket=reduce_bucket_size(cfg),
                                  offload_optimizer=layout.offload_optimizer)
@@ -653,7 +670,8 @@ def format_plan(cfg: Config, p: Plan, source: str, mfu: float, peak_tflops: floa
             lines.append(f"    {name:<44}{gib(value)}")
     other = activation_bytes(cfg, L.micro_batch_size, tp=L.tensor_parallel,
                              precision=L.precision, checkpointing=not L.activation_checkpointing,
-                             device=L.device, vocab_size=p.vocab_size)["total"]
+                             device=L.device, vocab_size=p.vocab_size,
+                             zero_stage=L.zero_stage)["total"]
     flipped = "without" if L.activation_checkpointing else "with"
     lines.append(f"    {'(activations ' + flipped + ' checkpointing)':<44}{gib(other)}")
     lines.append(f"    {'peak':<44}{gib(p.peak)}")

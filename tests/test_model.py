@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pretrain.config import ModelConfig
 from pretrain.model import GPT, ModelOutput, build_model
 from pretrain.model.flops import model_flops_utilization, transformer_flops_per_token
-from pretrain.model.layers import lm_cross_entropy
+from pretrain.model.layers import LMCrossEntropy, lm_cross_entropy, lm_head_cross_entropy
 
 V = 61  # odd on purpose: nothing may assume a padded vocabulary
 
@@ -323,3 +324,57 @@ def test_lm_cross_entropy_matches_torch(dtype):
     with torch.no_grad():
         torch.testing.assert_close(lm_cross_entropy(logits, targets)[0], ref, atol=1e-6,
                                    rtol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
+@pytest.mark.parametrize("block_rows", [1000, 4], ids=["one-block", "blocks-of-4"])
+def test_lm_head_cross_entropy_matches_the_head_then_the_loss(block_rows, precision):
+    """The fused head + loss (layers.LinearCrossEntropy: both gradients prepared in forward, a
+    block of rows at a time) gives the loss and the gradients of x and of the head's weight that
+    autograd through lm_head then F.cross_entropy gives, under autocast (matmuls in bf16,
+    gradients back in the inputs' dtypes) and with bf16 weights (DeepSpeed's bf16) too, with
+    ignored targets contributing nothing; a retained graph gives the same gradients twice;
+    without gradients the loss is the same."""
+    g = torch.Generator().manual_seed(0)
+    V_, D = 50, 16
+    autocast = precision == "bf16-autocast"
+    dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32
+    head = nn.Linear(D, V_, bias=False)
+    nn.init.normal_(head.weight, std=0.5, generator=g)
+    head.to(dtype)
+    x = torch.randn(3, 7, D, generator=g).to(dtype).requires_grad_()
+    targets = torch.randint(0, V_, (3, 7), generator=g)
+    targets[0, :3] = -100
+    targets[2, 6] = -100
+    block_bytes = block_rows * 4 * V_
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, n = lm_head_cross_entropy(head, LMCrossEntropy(), x, targets,
+                                        block_bytes=block_bytes)
+        ref, ref_n = LMCrossEntropy()(head(x), targets)
+    grads = torch.autograd.grad(loss * 1.5, (x, head.weight), retain_graph=True)
+    again = torch.autograd.grad(loss * 1.5, (x, head.weight))
+    ref_grads = torch.autograd.grad(ref * 1.5, (x, head.weight))
+    tol = dict(atol=2e-2, rtol=2e-2) if precision != "fp32" else dict(atol=1e-6, rtol=1e-6)
+    assert n.item() == ref_n.item() == 17
+    torch.testing.assert_close(loss, ref, **tol)
+    for ours, theirs in zip(grads, ref_grads):
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours, theirs, **tol)
+    for ours, second in zip(grads, again):
+        torch.testing.assert_close(second, ours, atol=0, rtol=0)
+    assert (grads[0][0, :3] == 0).all() and (grads[0][2, 6] == 0).all()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain, _ = lm_head_cross_entropy(head, LMCrossEntropy(), x, targets,
+                                         block_bytes=block_bytes)
+    torch.testing.assert_close(plain, ref.detach(), **tol)
+
+
+def test_lm_head_cross_entropy_keeps_the_head_when_someone_hooks_it():
+    """A hooked head (DeepSpeed ZeRO-3 gathers weights in a pre-hook) or another loss (tensor
+    parallelism's vocabulary-parallel one) runs as head(x) then loss(logits)."""
+    head, calls = nn.Linear(8, 11, bias=False), []
+    head.register_forward_pre_hook(lambda mod, args: calls.append("head"))
+    x, targets = torch.randn(2, 3, 8), torch.randint(0, 11, (2, 3))
+    loss, _ = lm_head_cross_entropy(head, LMCrossEntropy(), x, targets)
+    assert calls == ["head"]
+    torch.testing.assert_close(loss, F.cross_entropy(head(x).reshape(-1, 11), targets.reshape(-1)))

@@ -41,7 +41,7 @@ heads, drawn from the stream every tensor-parallel rank shares), so a head-slice
 exactly its share of the unsliced one.
 
 The projections of one input (self-attention: all of them) run as one matmul over their
-concatenated weights when each is a plain linear map without hooks (`_is_plain_linear`);
+concatenated weights when each is a plain linear map without hooks (`is_plain_linear`);
 otherwise, e.g. under DeepSpeed ZeRO-3, whose forward pre-hooks gather each module's
 parameters, they run one by one. Parameters, names and slicing are the same either way.
 
@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.config import AttentionConfig
+from pretrain.model.layers import cast_to, is_plain_linear
 
 
 class OffsetBias:
@@ -309,7 +310,7 @@ class _LinearOfMany(torch.autograd.Function):
             else None
         ctx.save_for_backward(x_ND, *weights)
         ctx.has_bias = bool(biases)
-        cast = _cast_to(ctx.dtype)
+        cast = cast_to(ctx.dtype)
         with torch.autocast(device, enabled=False):
             return F.linear(cast(x_ND), torch.cat([cast(w) for w in weights]),
                             torch.cat([cast(b) for b in biases]) if biases else None)
@@ -317,7 +318,7 @@ class _LinearOfMany(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_NF: Tensor):
         x_ND, *weights = ctx.saved_tensors
-        cast = _cast_to(ctx.dtype)
+        cast = cast_to(ctx.dtype)
         sizes = [w.size(0) for w in weights]
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -328,23 +329,6 @@ class _LinearOfMany(torch.autograd.Function):
         grad_b = [g.to(w.dtype) for g, w in zip(g_MF.sum(0).split(sizes), weights)] \
             if ctx.has_bias else []
         return grad_x, None, *grad_w, *grad_b
-
-
-def _cast_to(dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
-    return (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    """Whether `module(x)` is exactly F.linear(x, module.weight, module.bias) and nothing else
-    happens around it, so that MultiHeadAttention may compute it from the weights directly:
-    an nn.Linear (or a class that declares `plain_linear = True`, such as tensor parallelism's
-    ColumnParallelLinear) without forward or backward hooks. Hooks mean someone acts on the
-    call: DeepSpeed ZeRO-3 hooks every module to gather its partitioned parameters just before
-    its forward, so under ZeRO-3 the projections keep running one by one."""
-    plain = getattr(type(module), "plain_linear", False) or (
-        isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
-    return plain and not (module._forward_pre_hooks or module._forward_hooks
-                          or module._backward_pre_hooks or module._backward_hooks)
 
 
 class KVCache:
@@ -418,13 +402,13 @@ class MultiHeadAttention(nn.Module):
 
     def _project(self, x_BTD: Tensor, names: list[str]) -> list[Tensor]:
         """The projections `names` of one input, [B, T, E] each. When there are several and all
-        are plain linear maps (`_is_plain_linear`), one matmul over their concatenated weights
+        are plain linear maps (`is_plain_linear`), one matmul over their concatenated weights
         computes them all, as Hugging Face GPT-2's fused c_attn does: on CPU three [D, D]
         matmuls cost measurably more than one [D, 3D] (BENCHMARKS.md section 1). The
         parameters stay separate (names, checkpoints, tensor-parallel slicing unchanged); the
         gradient of the concatenation hands each weight its own rows."""
         projs = [getattr(self, f"{name}_proj") for name in names]
-        if len(projs) < 2 or not all(_is_plain_linear(p) for p in projs):
+        if len(projs) < 2 or not all(is_plain_linear(p) for p in projs):
             return [p(x_BTD) for p in projs]
         biases = [p.bias for p in projs]
         if any(b is None for b in biases) and any(b is not None for b in biases):

@@ -1,6 +1,8 @@
 """GPT: a decoder-only causal language model in the GPT-2 layout (Radford et al. 2019).
 
     tokens -> wte + wpe -> dropout -> n_layer x block -> ln_f -> lm_head -> logits
+    (with labels and no logits asked for, the loss comes from ln_f's output a block of rows at
+    a time, layers.lm_head_cross_entropy: the [B, T, V] logits never exist whole)
     block (blocks.py, pre-norm):  x = x + attn(ln_1(x))   (causal self-attention: dense,
                                                            Longformer or LSH)
                                   x = x + mlp(ln_2(x))    (feed-forward, optionally chunked)
@@ -41,6 +43,7 @@ from pretrain.model.layers import (
     build_norm,
     build_positions,
     init_normal_,
+    lm_head_cross_entropy,
 )
 
 
@@ -98,13 +101,17 @@ class GPT(nn.Module):
         x_BTD = run_blocks(self.h, x_BTD, reversible=self.cfg.reversible, causal=True,
                            kv_caches=kv_caches)
         x_BTD = self.ln_f(x_BTD)
+        if labels is not None and not return_logits:
+            # the loss from x directly: the logits over the vocabulary, the largest activation,
+            # never exist whole (layers.lm_head_cross_entropy)
+            loss, n_targets = lm_head_cross_entropy(self.lm_head, self.lm_loss, x_BTD, labels,
+                                                    ignore_index)
+            return ModelOutput(logits=None, loss=loss, n_targets=n_targets)
         logits_BTV = self.lm_head(x_BTD)  # compute dtype; the loss upcasts to fp32
         if labels is None:
             return ModelOutput(logits=logits_BTV)
         loss, n_targets = self.lm_loss(logits_BTV, labels, ignore_index)
-        return ModelOutput(
-            logits=logits_BTV if return_logits else None, loss=loss, n_targets=n_targets
-        )
+        return ModelOutput(logits=logits_BTV, loss=loss, n_targets=n_targets)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (a tied matrix counts once). non_embedding leaves out the token

@@ -8,6 +8,7 @@ H heads, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -367,6 +368,124 @@ class SummedCrossEntropy(torch.autograd.Function):
         grad_NV, keep_N1 = ctx.saved_tensors
         # out of place: a retained graph may run backward again
         return (grad_NV * (keep_N1 * grad_total)).to(ctx.logits_dtype), None, None
+
+
+LOSS_BLOCK_BYTES = 256 * 2**20
+"""`lm_head_cross_entropy` works through the rows of the logits in blocks of at most this many
+fp32 bytes (16k tokens over a 50k vocabulary: 3.3 GB whole, 13 blocks)."""
+
+
+def lm_head_cross_entropy(
+    head: nn.Module, loss: nn.Module, x_BTD: Tensor, targets_BT: Tensor,
+    ignore_index: int = -100, block_bytes: int = LOSS_BLOCK_BYTES,
+) -> tuple[Tensor, Tensor]:
+    """`loss(head(x_BTD), targets_BT, ignore_index)`: the mean cross-entropy and the target
+    count, without the logits over the whole vocabulary existing at once where it can.
+
+    It can when `head` is a plain bias-free nn.Linear without hooks and `loss` the stock
+    LMCrossEntropy: `LinearCrossEntropy` then goes through blocks of rows, each block's logits
+    turned into both gradients in forward. Otherwise, e.g. under tensor parallelism (a
+    column-parallel head and a vocabulary-parallel loss) or DeepSpeed ZeRO-3 (whose hooks gather
+    the head's weight), the logits are computed whole and `loss` reads them."""
+    if not (type(loss) is LMCrossEntropy and type(head) is nn.Linear and head.bias is None
+            and is_plain_linear(head)):
+        return loss(head(x_BTD), targets_BT, ignore_index)
+    if targets_BT.shape != x_BTD.shape[:-1]:
+        raise ValueError(
+            f"targets have shape {tuple(targets_BT.shape)}, expected {tuple(x_BTD.shape[:-1])}")
+    weight_VD = head.weight
+    x_ND, targets_N = x_BTD.reshape(-1, x_BTD.size(-1)), targets_BT.reshape(-1)
+    block_rows = max(1, block_bytes // (4 * weight_VD.size(0)))
+    if torch.is_grad_enabled() and (x_ND.requires_grad or weight_VD.requires_grad):
+        total = LinearCrossEntropy.apply(x_ND, weight_VD, targets_N, ignore_index, block_rows)
+    else:  # nothing to differentiate: the loss block by block
+        total = sum(F.cross_entropy(F.linear(x_ND[r:r + block_rows], weight_VD).float(),
+                                    targets_N[r:r + block_rows], ignore_index=ignore_index,
+                                    reduction="sum")
+                    for r in range(0, x_ND.size(0), block_rows))
+    n_targets = (targets_BT != ignore_index).sum()
+    return total / n_targets.clamp(min=1), n_targets
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits x_ND @ weight_VD.T against targets_N (ignore_index
+    does not count), with both gradients prepared in forward, a block of rows at a time.
+
+    Per block of n rows: the logits z [n, V] in the compute dtype (autocast's, as F.linear's),
+    in fp32 turned in place into e = exp(z - max) and then into e - s * one_hot(target), which is
+    s * (softmax - one_hot) with s the row sums of e; the loss is log s + max - z[target]. Then
+    x's gradient rows G @ W and the weight gradient's share G.T @ x, with the 1/s and the mask
+    of ignored targets applied to the [n, D] operands. No [n, V] tensor is allocated but the
+    logits (and their fp32 copy under autocast): on CPU a fresh 32 MB buffer costs about as much
+    in page faults as a pass over it, which is what log_softmax's output cost. Backward keeps
+    x's gradient [N, D] and the weight's [V, D] (fp32) instead of the logits, and scales both by
+    the incoming scalar: the [N, V] multiply of SummedCrossEntropy's backward becomes an
+    [N + V, D] one, and the fp32 logits never exist beyond one block. The FLOPs are those of the
+    head's forward and backward matmuls, as before."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, ignore_index: int,
+                block_rows: int) -> Tensor:
+        device = x_ND.device.type
+        cast = cast_to(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                       else x_ND.dtype)  # the logits' dtype, as F.linear's
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.dtypes = x_ND.dtype, weight_VD.dtype
+        with torch.autocast(device, enabled=False):
+            x_ND, w_VD = cast(x_ND), cast(weight_VD)
+            keep_N = targets_N != ignore_index
+            index_N1 = torch.where(keep_N, targets_N, 0)[:, None]  # ignored rows: any index
+            keep_N1 = keep_N[:, None].to(torch.float32)
+            total = torch.zeros((), dtype=torch.float32, device=x_ND.device)
+            grad_x_blocks = []  # [n, D] each, compute dtype
+            grad_w = None  # [V, D] fp32
+            for r in range(0, x_ND.size(0), block_rows):
+                rows, index_n1 = slice(r, r + block_rows), index_N1[r:r + block_rows]
+                z_nV = (x_ND[rows] @ w_VD.t()).float()  # the logits, fp32
+                target_n1 = z_nV.gather(1, index_n1)
+                max_n1 = z_nV.amax(dim=-1, keepdim=True)
+                z_nV.sub_(max_n1).exp_()  # e = exp(z - max), in place
+                sum_n1 = z_nV.sum(dim=-1, keepdim=True)
+                total += ((sum_n1.log() + max_n1 - target_n1) * keep_N1[rows]).sum()
+                # s * (softmax - one_hot) = e - s * one_hot; the 1/s and the mask of ignored
+                # rows scale the [n, D] operands instead of the [n, V] one
+                g_nV = cast(z_nV.scatter_add_(1, index_n1, -sum_n1))
+                del z_nV  # under autocast the fp32 block goes before the matmuls
+                scale_n1 = (keep_N1[rows] / sum_n1).to(g_nV.dtype)
+                if need_x:
+                    grad_x_blocks.append((g_nV @ w_VD).mul_(scale_n1))
+                if need_w:
+                    part = (g_nV.t() @ (x_ND[rows] * scale_n1)).float()
+                    grad_w = part if grad_w is None else grad_w.add_(part)
+            grad_x = (grad_x_blocks[0] if len(grad_x_blocks) == 1 else torch.cat(grad_x_blocks)) \
+                if need_x else None
+        ctx.save_for_backward(grad_x, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        # out of place: a retained graph may run backward again
+        return (None if grad_x is None else (grad_x * grad_total).to(x_dtype),
+                None if grad_w is None else (grad_w * grad_total).to(w_dtype), None, None, None)
+
+
+def cast_to(dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
+    return (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module(x)` is exactly F.linear(x, module.weight, module.bias) and nothing else
+    happens around it, so that a caller may compute it from the weights directly: an nn.Linear
+    (or a class that declares `plain_linear = True`, such as tensor parallelism's
+    ColumnParallelLinear) without forward or backward hooks. Hooks mean someone acts on the
+    call: DeepSpeed ZeRO-3 hooks every module to gather its partitioned parameters just before
+    its forward, so under ZeRO-3 such modules keep running as modules."""
+    plain = getattr(type(module), "plain_linear", False) or (
+        isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
+    return plain and not (module._forward_pre_hooks or module._forward_hooks
+                          or module._backward_pre_hooks or module._backward_hooks)
 
 
 class LMCrossEntropy(nn.Module):

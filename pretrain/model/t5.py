@@ -53,6 +53,7 @@ from pretrain.model.layers import (
     ModelOutput,
     RelativePositionBias,
     build_positions,
+    lm_head_cross_entropy,
 )
 
 
@@ -131,6 +132,13 @@ class T5(nn.Module):
                attention_mask: Tensor | None = None,
                decoder_attention_mask: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] of the decoder over the encoder output."""
+        return self.lm_head(self.decoder_output(decoder_input_ids, enc_BSD, attention_mask,
+                                                decoder_attention_mask))
+
+    def decoder_output(self, decoder_input_ids: Tensor, enc_BSD: Tensor,
+                       attention_mask: Tensor | None = None,
+                       decoder_attention_mask: Tensor | None = None) -> Tensor:
+        """What lm_head reads [B, T, D]: the decoder's output (scaled by D^-0.5 when tied)."""
         x_BTD = self.decoder(
             self.embed(decoder_input_ids),
             padding_mask_BT=decoder_attention_mask.bool() if decoder_attention_mask is not None
@@ -140,7 +148,7 @@ class T5(nn.Module):
         )
         if self.cfg.tie_embeddings:
             x_BTD = x_BTD * self.cfg.d_model**-0.5
-        return self.lm_head(x_BTD)
+        return x_BTD
 
     def forward(
         self,
@@ -158,13 +166,17 @@ class T5(nn.Module):
             raise ValueError("T5 needs decoder_input_ids (the labels shifted right behind the "
                              "decoder start token)")
         enc_BSD = self.encode(input_ids, attention_mask)
-        logits_BTV = self.decode(decoder_input_ids, enc_BSD, attention_mask,
-                                 decoder_attention_mask)
+        x_BTD = self.decoder_output(decoder_input_ids, enc_BSD, attention_mask,
+                                    decoder_attention_mask)
+        if labels is not None and not return_logits:  # the logits never exist whole
+            loss, n_targets = lm_head_cross_entropy(self.lm_head, self.lm_loss, x_BTD, labels,
+                                                    ignore_index)
+            return ModelOutput(logits=None, loss=loss, n_targets=n_targets)
+        logits_BTV = self.lm_head(x_BTD)
         if labels is None:
             return ModelOutput(logits=logits_BTV)
         loss, n_targets = self.lm_loss(logits_BTV, labels, ignore_index)
-        return ModelOutput(logits=logits_BTV if return_logits else None, loss=loss,
-                           n_targets=n_targets)
+        return ModelOutput(logits=logits_BTV, loss=loss, n_targets=n_targets)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (a tied matrix counts once); non_embedding leaves out the shared
