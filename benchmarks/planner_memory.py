@@ -6,7 +6,9 @@ part of the resident set's high-water mark, and of the resident set before the m
 leaving out library code mapped from files); `pretrain plan`'s
 model (pretrain/planner.py) predicts peak - base for the same config and layout. glibc is told
 to serve every allocation of 64 KiB or more with mmap (MALLOC_MMAP_THRESHOLD_), so that freed
-tensors leave the resident set at once, as they leave a GPU's allocated memory.
+tensors leave the resident set at once, as they leave a GPU's allocated memory, and the ranks
+lock the pages mapped at their memory base (PRETRAIN_MEMORY_LOCK_PAGES, pretrain/metrics.py), so
+that library code paged out and back in during the run does not move the figures.
 
 What the planner does not count is the run's fixed cost (the thread pools and objects DeepSpeed
 and torch create after the base, gloo's buffers): measured here as the peak - base of the
@@ -61,8 +63,8 @@ def train(data_dir: Path, run_dir: Path, ranks: int, overrides: list[str], steps
     cmd = [sys.executable, "-m", "pretrain.cli", "train", str(CONFIG), *args]
     if ranks > 1:
         cmd += ["--nproc", str(ranks)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PRETRAIN_MEMORY_LOCK_PAGES": "1",
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"training failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")

@@ -12,11 +12,14 @@ killed run left unfinished is cut first).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -39,6 +42,24 @@ def device_peak_tflops(device: torch.device, configured: float | None) -> float 
             if key in name:
                 return peak
     return None
+
+
+LOCK_PAGES_ENV = "PRETRAIN_MEMORY_LOCK_PAGES"
+"""Set to 1 (tests/test_planner.py, benchmarks/planner_memory.py), a CPU rank locks the pages
+mapped when its memory base is taken (`_lock_mapped_pages`)."""
+
+
+def _lock_mapped_pages() -> None:
+    """mlockall(MCL_CURRENT): every page mapped now becomes resident and stays so. Library code
+    then is neither faulted in during the run nor taken away: some machines page out cold
+    file-backed pages of running processes (this VM runs DAMON with a pageout scheme), which
+    moves the resident set by tens of MB between two readings. About 0.2 s and 400 MB of
+    resident code per rank; without the privilege (CAP_IPC_LOCK or a large RLIMIT_MEMLOCK) it
+    warns and measures as usual."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(1) != 0:  # MCL_CURRENT
+        warnings.warn(f"{LOCK_PAGES_ENV}=1 but mlockall failed "
+                      f"({os.strerror(ctypes.get_errno())}): memory measured unlocked")
 
 
 def _anonymous(resident: int) -> int:
@@ -81,6 +102,8 @@ class PeakMemory:
             # (and networkx with it) once training starts: about 45 MB more code (1.4 s).
             import torch._inductor.compile_fx  # noqa: F401
 
+            if os.environ.get(LOCK_PAGES_ENV) == "1":
+                _lock_mapped_pages()
             self.base = _anonymous(psutil.Process().memory_info().rss)
 
     def peak(self) -> int:

@@ -186,14 +186,16 @@ def test_planner_predicts_the_peak_memory_of_cpu_runs(case, tiny_data, tmp_path)
     """Real training runs (DeepSpeed on gloo, 2 steps) log peak_mem_bytes and base_mem_bytes;
     the planner's peak for the same layout is within 15% of peak - base. glibc is told to
     return freed blocks to the system at once (MALLOC_MMAP_THRESHOLD_), so that the resident
-    set follows the tensors as a GPU's allocated memory does."""
+    set follows the tensors as a GPU's allocated memory does, and the ranks lock the pages mapped
+    at their memory base (PRETRAIN_MEMORY_LOCK_PAGES, pretrain/metrics.py), so that library code
+    paged out and back in does not move the measure (in a full suite it did, by 65 MiB)."""
     nproc, overrides = MEASURED[case]
     run_dir = tmp_path / "run"
     args = [f"data.dir={tiny_data}", f"run.dir={run_dir}", "train.max_steps=2",
             "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.save_final=false",
             "train.log_interval=1", *overrides]
     run_cli(["train", str(TINY_CONFIG), *args, *(["--nproc", str(nproc)] if nproc > 1 else [])],
-            env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+            env={"MALLOC_MMAP_THRESHOLD_": "65536", "PRETRAIN_MEMORY_LOCK_PAGES": "1"})
     lines = [r for r in train_records(run_dir) if "peak_mem_bytes" in r]
     measured = max(r["peak_mem_bytes"] - r["base_mem_bytes"] for r in lines)
     cfg = load_config(TINY_CONFIG, args, world_size=nproc)
