@@ -13,6 +13,7 @@ peak when the device is known.
 
     python benchmarks/train_throughput.py               # the default 4-layer, d=256 model
     python benchmarks/train_throughput.py --preset gpt2-small --batch 4 --seq 512
+    python benchmarks/train_throughput.py --unfused-loss   # also ours with the logits whole
 
 The last line printed is the ratio: our tokens/s over Hugging Face's.
 """
@@ -76,8 +77,10 @@ def make_hf(n_layer, n_head, d, seq, vocab) -> torch.nn.Module:
 
 def step_fn(model, kind: str, opt, ids):
     x, y = ids[:, :-1], ids[:, 1:]
-    if kind == "ours":
+    if kind == "ours":  # the loss from the head's input, block by block (LinearCrossEntropy)
         loss = model(x, y).loss
+    elif kind == "ours-unfused":  # asking for the logits takes the head-then-loss path
+        loss = model(x, y, return_logits=True).loss
     else:  # the same loss computation on HF's logits (its labels= path shifts internally)
         logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -105,21 +108,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--unfused-loss", action="store_true",
+                    help="also time our model with the whole logits, then the loss (an A/B of "
+                         "the fused loss head)")
     args = ap.parse_args()
     device = torch.device(args.device)
     n_layer, n_head, d = PRESETS[args.preset]
     torch.manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
     models = {}
-    for kind, make in (("ours", make_ours), ("hf", make_hf)):
+    kinds = [("ours", make_ours), ("hf", make_hf)]
+    if args.unfused_loss:
+        kinds.insert(1, ("ours-unfused", make_ours))
+    for kind, make in kinds:
+        torch.manual_seed(0)
         model = make(n_layer, n_head, d, args.seq, args.vocab).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
         for _ in range(2):  # warm-up: allocator, kernels, optimizer state
             step_fn(model, kind, opt, ids)
         models[kind] = (model, opt)
-    times = {"ours": [], "hf": []}
+    times = {kind: [] for kind in models}
     for r in range(args.rounds):
-        for kind in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
+        for kind in list(models) if r % 2 == 0 else list(models)[::-1]:
             model, opt = models[kind]
             times[kind].append(time_steps(model, kind, opt, ids, args.steps, device))
     peak = matmul_peak_flops(device, torch.float32)
@@ -133,15 +143,17 @@ def main() -> None:
     print(f"model: {args.preset} (L={n_layer}, H={n_head}, d={d}), batch {args.batch} x seq "
           f"{args.seq}, vocab {args.vocab}, AdamW, fp32; {args.rounds} rounds x {args.steps} steps")
     print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'model':<10}{'step ms (best)':>18}{'tokens/s':>12}{'MFU vs matmul peak':>20}")
+    print(f"{'model':<14}{'step ms (best)':>14}{'tokens/s':>12}{'MFU vs matmul peak':>20}")
     rate = {}
-    for kind in ("hf", "ours"):
+    for kind in ("hf", *(["ours-unfused"] if args.unfused_loss else []), "ours"):
         t = min(times[kind])
         rate[kind] = tokens / t
         mfu = flops_tok * rate[kind] / peak
         extra = f"  ({flops_tok * rate[kind] / (datasheet * 1e12):.1%} of datasheet)" \
             if datasheet else ""
-        print(f"{kind:<10}{t * 1e3:>18.1f}{rate[kind]:>12.0f}{mfu:>20.1%}{extra}")
+        print(f"{kind:<14}{t * 1e3:>14.1f}{rate[kind]:>12.0f}{mfu:>20.1%}{extra}")
+    if args.unfused_loss:
+        print(f"ours / ours-unfused tokens/s: {rate['ours'] / rate['ours-unfused']:.2f}x")
     print(f"ratio ours/hf tokens/s: {rate['ours'] / rate['hf']:.2f}x")
 
 
