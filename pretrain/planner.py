@@ -389,8 +389,10 @@ def activation_bytes(cfg: Config, micro_batch: int, *, tp: int = 1, precision: s
         # a block's logits in fp32 (the weight's gradient, counted in `head`, exists only from
         # the end of the first block), then its gradient with the weight gradient's share of it
         logits_moment = (4 + low) * V * rows - (4 * V * D if rows == n else 0)
-        weight_moment = bc * V * rows + low * V * D + (4 * V * D if rows < n else 0)
-        head_transient = max(logits_moment, weight_moment) + 2 * D * bc * n  # x, x / s
+        weight_moment = bc * V * rows + low * V * D
+        forward = max(logits_moment, weight_moment) + 2 * D * bc * n  # with x and x / s
+        backward = 4 * V * D + D * bc * n  # the scaled gradients beside the saved ones
+        head_transient = max(forward, backward)
     else:
         head_transient = 4 * V * n + (bc * V * n if bc != 4 else 0)
     transient = max(head_transient, largest_block if ckpt else 0.0)

@@ -455,8 +455,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if need_x:
                     grad_x_blocks.append((g_nV @ w_VD).mul_(scale_n1))
                 if need_w:
-                    part = (g_nV.t() @ (x_ND[rows] * scale_n1)).float()
-                    grad_w = part if grad_w is None else grad_w.add_(part)
+                    xs_nD = x_ND[rows] * scale_n1
+                    if grad_w is None:
+                        grad_w = (g_nV.t() @ xs_nD).float()
+                    elif g_nV.dtype == grad_w.dtype:  # fp32: into the sum, no [V, D] temporary
+                        grad_w.addmm_(g_nV.t(), xs_nD)
+                    else:
+                        grad_w += g_nV.t() @ xs_nD
             grad_x = (grad_x_blocks[0] if len(grad_x_blocks) == 1 else torch.cat(grad_x_blocks)) \
                 if need_x else None
         ctx.save_for_backward(grad_x, grad_w)
