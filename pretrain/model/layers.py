@@ -398,10 +398,10 @@ def lm_head_cross_entropy(
     block_rows = max(1, block_bytes // (4 * weight_VD.size(0)))
     if torch.is_grad_enabled() and (x_ND.requires_grad or weight_VD.requires_grad):
         total = LinearCrossEntropy.apply(x_ND, weight_VD, targets_N, ignore_index, block_rows)
-    else:  # nothing to differentiate: the loss block by block
-        total = sum(F.cross_entropy(F.linear(x_ND[r:r + block_rows], weight_VD).float(),
-                                    targets_N[r:r + block_rows], ignore_index=ignore_index,
-                                    reduction="sum")
+    else:  # nothing to differentiate (evaluation): the loss block by block, in place
+        index_N1, keep_N1 = _targets(targets_N, ignore_index)
+        total = sum(_exp_and_loss_(F.linear(x_ND[r:r + block_rows], weight_VD).float(),
+                                   index_N1[r:r + block_rows], keep_N1[r:r + block_rows])[0]
                     for r in range(0, x_ND.size(0), block_rows))
     n_targets = (targets_BT != ignore_index).sum()
     return total / n_targets.clamp(min=1), n_targets
@@ -433,20 +433,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.dtypes = x_ND.dtype, weight_VD.dtype
         with torch.autocast(device, enabled=False):
             x_ND, w_VD = cast(x_ND), cast(weight_VD)
-            keep_N = targets_N != ignore_index
-            index_N1 = torch.where(keep_N, targets_N, 0)[:, None]  # ignored rows: any index
-            keep_N1 = keep_N[:, None].to(torch.float32)
+            index_N1, keep_N1 = _targets(targets_N, ignore_index)
             total = torch.zeros((), dtype=torch.float32, device=x_ND.device)
             grad_x_blocks = []  # [n, D] each, compute dtype
             grad_w = None  # [V, D] fp32
             for r in range(0, x_ND.size(0), block_rows):
                 rows, index_n1 = slice(r, r + block_rows), index_N1[r:r + block_rows]
                 z_nV = (x_ND[rows] @ w_VD.t()).float()  # the logits, fp32
-                target_n1 = z_nV.gather(1, index_n1)
-                max_n1 = z_nV.amax(dim=-1, keepdim=True)
-                z_nV.sub_(max_n1).exp_()  # e = exp(z - max), in place
-                sum_n1 = z_nV.sum(dim=-1, keepdim=True)
-                total += ((sum_n1.log() + max_n1 - target_n1) * keep_N1[rows]).sum()
+                loss, sum_n1 = _exp_and_loss_(z_nV, index_n1, keep_N1[rows])  # z_nV is e now
+                total += loss
                 # s * (softmax - one_hot) = e - s * one_hot; the 1/s and the mask of ignored
                 # rows scale the [n, D] operands instead of the [n, V] one
                 g_nV = cast(z_nV.scatter_add_(1, index_n1, -sum_n1))
@@ -474,6 +469,22 @@ class LinearCrossEntropy(torch.autograd.Function):
         # out of place: a retained graph may run backward again
         return (None if grad_x is None else (grad_x * grad_total).to(x_dtype),
                 None if grad_w is None else (grad_w * grad_total).to(w_dtype), None, None, None)
+
+
+def _targets(targets_N: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The gather/scatter index [N, 1] of each target (any valid one on ignored rows) and the
+    fp32 mask [N, 1] of the rows that count."""
+    keep_N = targets_N != ignore_index
+    return torch.where(keep_N, targets_N, 0)[:, None], keep_N[:, None].to(torch.float32)
+
+
+def _exp_and_loss_(z_nV: Tensor, index_n1: Tensor, keep_n1: Tensor) -> tuple[Tensor, Tensor]:
+    """Turns fp32 logits z into e = exp(z - max) in place; returns the summed cross-entropy of
+    the rows that count (log s + max - z[target]) and the row sums s [n, 1] of e."""
+    target_n1 = z_nV.gather(1, index_n1)
+    max_n1 = z_nV.amax(dim=-1, keepdim=True)
+    sum_n1 = z_nV.sub_(max_n1).exp_().sum(dim=-1, keepdim=True)
+    return ((sum_n1.log() + max_n1 - target_n1) * keep_n1).sum(), sum_n1
 
 
 def cast_to(dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
