@@ -76,11 +76,13 @@ class PeakMemory:
     kernel's high-water mark, getrusage's ru_maxrss, less the file-backed and shared pages
     resident when it is read; DataLoader workers excluded). Library code is mapped from files
     and faulted in page by page as new kernels first run, by amounts that depend on the kernel
-    and on how the files sit in the page cache (22 MB on one machine, 45 MB from a fresh venv on
-    the same machine, about 100 MB on another, for the same two steps): it is not memory the run
-    holds, and it is not what `pretrain plan` predicts. Those pages only grow, so subtracting the
-    ones resident at the reading bounds the anonymous peak from below, by what was faulted in
-    between the peak and the reading (a logging step's code: little).
+    and on how the files sit in the page cache (22 MB with one venv, 45 MB with a fresh venv on
+    the same machine, for the same two steps): it is not memory the run holds, and it is not
+    what `pretrain plan` predicts. Subtracting the file pages resident at the reading is exact
+    while they only grow (what is faulted in between the peak and the reading, a logging step's
+    code, counts as freed). A machine that pages out cold code of running processes (DAMON's
+    pageout, as on the VM of BENCHMARKS.md) breaks that; PRETRAIN_MEMORY_LOCK_PAGES=1 locks the
+    pages mapped at the base so that they stay (`_lock_mapped_pages`).
     `base` is the same measure taken when the meter is created (the trainer does so once the
     process group is up, before the model exists): on CPU the interpreter, torch, DeepSpeed
     and gloo; on GPU usually 0. What the run's model, optimizer and activations took is

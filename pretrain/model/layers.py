@@ -314,6 +314,21 @@ class ModelOutput:
     sentence_logits: Tensor | None = None
 
 
+def _flatten(rows_BTX: Tensor, targets_BT: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, T, X] rows and [B, T] targets as [N, X] and [N]; a clear error when they disagree."""
+    if targets_BT.shape != rows_BTX.shape[:-1]:
+        raise ValueError(
+            f"targets have shape {tuple(targets_BT.shape)}, expected {tuple(rows_BTX.shape[:-1])}")
+    return rows_BTX.reshape(-1, rows_BTX.size(-1)), targets_BT.reshape(-1)
+
+
+def _targets(targets_N: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The gather/scatter index [N, 1] of each target (any valid one on ignored rows) and the
+    fp32 mask [N, 1] of the rows that count."""
+    keep_N = targets_N != ignore_index
+    return torch.where(keep_N, targets_N, 0)[:, None], keep_N[:, None].to(torch.float32)
+
+
 def lm_cross_entropy(
     logits_BTV: Tensor, targets_BT: Tensor, ignore_index: int = -100
 ) -> tuple[Tensor, Tensor]:
@@ -322,12 +337,7 @@ def lm_cross_entropy(
     Summed then divided by max(count, 1), so a batch with every target ignored gives loss 0
     and zero gradients instead of NaN.
     """
-    if targets_BT.shape != logits_BTV.shape[:-1]:
-        raise ValueError(
-            f"targets have shape {tuple(targets_BT.shape)}, expected {tuple(logits_BTV.shape[:-1])}"
-        )
-    V = logits_BTV.size(-1)
-    logits_NV, targets_N = logits_BTV.reshape(-1, V), targets_BT.reshape(-1)
+    logits_NV, targets_N = _flatten(logits_BTV, targets_BT)
     if torch.is_grad_enabled() and logits_NV.requires_grad:
         total = SummedCrossEntropy.apply(logits_NV, targets_N, ignore_index)
     else:  # nothing to differentiate: no gradient to prepare
@@ -353,10 +363,8 @@ class SummedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_NV: Tensor, targets_N: Tensor, ignore_index: int) -> Tensor:
-        keep_N = targets_N != ignore_index
-        index_N1 = torch.where(keep_N, targets_N, 0)[:, None]  # ignored rows: any valid index
+        index_N1, keep_N1 = _targets(targets_N, ignore_index)
         grad_NV = torch.log_softmax(logits_NV.float(), dim=-1)  # log-probabilities for now
-        keep_N1 = keep_N[:, None].to(grad_NV.dtype)
         total = (-grad_NV.gather(1, index_N1) * keep_N1).sum()  # +0.0 when nothing is kept
         grad_NV.exp_().scatter_add_(1, index_N1, -keep_N1)  # softmax - one_hot on kept rows
         ctx.save_for_backward(grad_NV, keep_N1)
@@ -390,11 +398,8 @@ def lm_head_cross_entropy(
     if not (type(loss) is LMCrossEntropy and type(head) is nn.Linear and head.bias is None
             and is_plain_linear(head)):
         return loss(head(x_BTD), targets_BT, ignore_index)
-    if targets_BT.shape != x_BTD.shape[:-1]:
-        raise ValueError(
-            f"targets have shape {tuple(targets_BT.shape)}, expected {tuple(x_BTD.shape[:-1])}")
     weight_VD = head.weight
-    x_ND, targets_N = x_BTD.reshape(-1, x_BTD.size(-1)), targets_BT.reshape(-1)
+    x_ND, targets_N = _flatten(x_BTD, targets_BT)
     block_rows = max(1, block_bytes // (4 * weight_VD.size(0)))
     if torch.is_grad_enabled() and (x_ND.requires_grad or weight_VD.requires_grad):
         total = LinearCrossEntropy.apply(x_ND, weight_VD, targets_N, ignore_index, block_rows)
@@ -469,13 +474,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         # out of place: a retained graph may run backward again
         return (None if grad_x is None else (grad_x * grad_total).to(x_dtype),
                 None if grad_w is None else (grad_w * grad_total).to(w_dtype), None, None, None)
-
-
-def _targets(targets_N: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """The gather/scatter index [N, 1] of each target (any valid one on ignored rows) and the
-    fp32 mask [N, 1] of the rows that count."""
-    keep_N = targets_N != ignore_index
-    return torch.where(keep_N, targets_N, 0)[:, None], keep_N[:, None].to(torch.float32)
 
 
 def _exp_and_loss_(z_nV: Tensor, index_n1: Tensor, keep_n1: Tensor) -> tuple[Tensor, Tensor]:
